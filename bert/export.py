@@ -1,0 +1,144 @@
+"""Export a pretrained model as a transformers folder (config.json, model.safetensors, tokenizer files).
+
+    python -m bert.export <checkpoint.ckpt | mlflow-run-id> <out-dir>
+
+The folder loads with ``transformers.BertForPreTraining.from_pretrained`` / ``AutoTokenizer.from_pretrained``
+and nothing from this repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from bert.model import BertConfig, BertForPreTraining, check_vocab, load_state_dict_checked
+
+# what transformers' save_pretrained leaves out: tied copies it re-creates at load time
+TIED_KEYS = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+REQUIRED_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json", "vocab.txt")
+# LightningModule attribute holding the BertForPreTraining: its state dict keys start with this
+CKPT_PREFIX = "model."
+
+
+def export_transformers(
+    model: BertForPreTraining | Mapping[str, torch.Tensor],
+    config: BertConfig,
+    tokenizer_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``out_dir`` atomically: everything goes to a temp folder beside it, renamed at the end."""
+    tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
+    missing = [n for n in REQUIRED_TOKENIZER_FILES if not (tokenizer_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"tokenizer folder {tokenizer_dir} lacks {missing}")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
+    _check_tokenizer_vocab(config, tokenizer_dir / "tokenizer.json")
+
+    if not isinstance(model, BertForPreTraining):  # a state dict: validate keys and shapes by loading it
+        state_dict, model = model, BertForPreTraining(config)
+        load_state_dict_checked(model, state_dict, strict=True)
+    # safetensors refuses tensors that share storage: drop the tied copies, own every remaining tensor
+    tensors = {
+        k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in model.state_dict().items()
+        if k not in TIED_KEYS
+    }
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
+    try:
+        save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config.to_transformers_dict(), indent=2) + "\n")
+        for name in REQUIRED_TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copy2(tokenizer_dir / name, tmp / name)
+        if (
+            out_dir.exists()
+        ):  # overwrite: move the old folder aside first, a rename cannot replace a non-empty dir
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _check_tokenizer_vocab(config: BertConfig, tokenizer_json: Path) -> None:
+    from tokenizers import Tokenizer
+
+    check_vocab(config, Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True))
+
+
+def load_pretraining_checkpoint(path: str | Path) -> tuple[BertForPreTraining, BertConfig, Path | None]:
+    """Read a Lightning .ckpt of the pretraining module: ``state_dict`` under 'model.', and
+    ``hyper_parameters`` holding ``model_config`` (BertConfig fields) and ``tokenizer_dir`` (may be None)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # hyper_parameters saved as non-plain types (e.g. an OmegaConf node); our own file, so trusted
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "model_config" not in hparams:
+        raise ValueError(f"{path}: hyper_parameters lack 'model_config' (found {sorted(hparams)})")
+    config = BertConfig.from_dict(dict(hparams["model_config"]))
+    state_dict = {
+        k[len(CKPT_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(CKPT_PREFIX)
+    }
+    if not state_dict:
+        raise ValueError(f"{path}: no state_dict keys start with {CKPT_PREFIX!r}")
+    model = BertForPreTraining(config)
+    load_state_dict_checked(model, state_dict, strict=True)
+    tokenizer_dir = hparams.get("tokenizer_dir")
+    return model.eval(), config, None if tokenizer_dir is None else Path(tokenizer_dir)
+
+
+def _resolve(arg: str) -> Path:
+    if Path(arg).exists():
+        return Path(arg)
+    try:
+        from tasks.tracking import resolve_checkpoint
+    except ImportError as e:
+        raise SystemExit(
+            f"{arg!r} is not an existing file, and resolving it as an MLflow run id needs "
+            f"tasks.tracking.resolve_checkpoint, which could not be imported: {e}"
+        ) from e
+    return Path(resolve_checkpoint(arg))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bert.export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="Lightning .ckpt of the pretraining run, or its MLflow run id")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument(
+        "--tokenizer-dir", type=Path, help="override the tokenizer folder stored in the checkpoint"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
+    args = parser.parse_args(argv)
+
+    model, config, tokenizer_dir = load_pretraining_checkpoint(_resolve(args.checkpoint))
+    tokenizer_dir = args.tokenizer_dir or tokenizer_dir
+    if tokenizer_dir is None:
+        parser.error("the checkpoint records no tokenizer_dir: pass --tokenizer-dir")
+    out = export_transformers(model, config, tokenizer_dir, args.out_dir, args.overwrite)
+    print(f"exported {config.num_hidden_layers}L/{config.hidden_size}H vocab {config.vocab_size} to {out}")
+
+
+if __name__ == "__main__":
+    main()
