@@ -1,0 +1,105 @@
+"""Thin LightningModule for BERT pretraining: the losses, metrics and logging keys, nothing else."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from bert.model import BertConfig, BertForPreTraining
+from tasks.optim import build_optimizer
+
+
+class PretrainModule(pl.LightningModule):
+    """MLM + NSP. The MLM head runs only at masked positions (15% of tokens), not the whole sequence."""
+
+    def __init__(
+        self,
+        model_config: Mapping[str, Any],
+        optim: Mapping[str, Any],
+        tokenizer_dir: str | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        # model_config and tokenizer_dir travel inside every checkpoint: export and fine-tuning rebuild from them.
+        self.save_hyperparameters(
+            {"model_config": dict(model_config), "optim": dict(optim), "tokenizer_dir": tokenizer_dir}
+        )
+        self.model = BertForPreTraining(BertConfig(**dict(model_config)))
+        self._compile = compile
+        self.val_mlm_loss = MeanMetric()  # weighted by masked tokens, so perplexity is per token
+        self._step_start: float | None = None
+        self.mlflow_run_id: str | None = None
+
+    def configure_model(self) -> None:
+        if self._compile:
+            self.model.compile()  # in place: state-dict keys stay those of transformers
+
+    def model_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mlm_labels = batch["mlm_labels"]
+        masked = mlm_labels.ne(-100)  # (B, T) bool
+        out = self.model(
+            batch["input_ids"],
+            token_type_ids=batch["token_type_ids"],
+            attention_mask=batch["attention_mask"],
+            masked_positions=masked,
+        )
+        mlm_targets = mlm_labels[masked]  # (N,) in the same row-major order as the head's rows
+        mlm_loss = F.cross_entropy(out.mlm_logits.float(), mlm_targets)
+        nsp_loss = F.cross_entropy(out.nsp_logits.float(), batch["nsp_labels"])
+        with torch.no_grad():
+            mlm_acc = (out.mlm_logits.argmax(-1) == mlm_targets).float().mean()
+            nsp_acc = (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
+        return {
+            "loss": mlm_loss + nsp_loss,
+            "mlm_loss": mlm_loss,
+            "nsp_loss": nsp_loss,
+            "mlm_acc": mlm_acc,
+            "nsp_acc": nsp_acc,
+            "n_masked": masked.sum(),
+        }
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_start = time.perf_counter()
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self.model_step(batch)
+        bsz = batch["input_ids"].size(0)
+        for key in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"):
+            self.log(f"train/{key}", out[key], prog_bar=key in ("mlm_loss", "nsp_acc"), batch_size=bsz)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
+        return out["loss"]
+
+    def on_train_batch_end(self, outputs: Any, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        if self._step_start is None:
+            return
+        seconds = time.perf_counter() - self._step_start  # forward + backward + optimizer step
+        tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
+        self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
+        out = self.model_step(batch)
+        bsz = batch["input_ids"].size(0)
+        for key in ("loss", "nsp_loss", "nsp_acc"):
+            self.log(f"val/{key}", out[key], batch_size=bsz, sync_dist=True)
+        n_masked = out["n_masked"].clamp_min(1)
+        self.log("val/mlm_acc", out["mlm_acc"], batch_size=int(n_masked), sync_dist=True)
+        self.val_mlm_loss.update(out["mlm_loss"], weight=n_masked)
+
+    def on_validation_epoch_end(self) -> None:
+        mlm_loss = self.val_mlm_loss.compute()
+        self.val_mlm_loss.reset()
+        self.log("val/mlm_loss", mlm_loss, prog_bar=True)
+        self.log("val/mlm_ppl", torch.exp(mlm_loss.clamp(max=50.0)))
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming from a bare path continues the same MLflow run.
+        checkpoint["mlflow_run_id"] = self.mlflow_run_id

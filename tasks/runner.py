@@ -1,0 +1,195 @@
+"""What every entry point needs around `Trainer.fit`: MLflow logger, checkpoints, resume, run metadata, plots."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities import rank_zero_only
+
+from tasks import tracking
+
+log = logging.getLogger(__name__)
+
+RUN_ID_ENV = "BERT_MLFLOW_RUN_ID"  # hands rank 0's run id to the DDP processes Lightning re-launches
+
+
+def choice(group: str) -> str:
+    """The option picked for a config group (`model=mini` -> "mini"), for run names."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return str(HydraConfig.get().runtime.choices.get(group, group))
+    except ValueError:  # composed outside @hydra.main (tests)
+        return group
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return {
+        "hyper_parameters": ckpt.get("hyper_parameters", {}),
+        "mlflow_run_id": ckpt.get("mlflow_run_id"),
+        "global_step": ckpt.get("global_step"),
+    }
+
+
+def resolve_resume(cfg: DictConfig) -> tuple[Path | None, str | None]:
+    """(checkpoint to resume from, MLflow run to continue); fails before any training on a bad ckpt_path."""
+    ref = cfg.get("ckpt_path")
+    if ref in (None, ""):
+        return None, None
+    if str(ref) == "last":
+        if cfg.get("logger") is None:
+            raise ValueError("ckpt_path=last looks up the newest MLflow run; it needs a logger (not logger=none)")
+        run_id, path = tracking.find_resumable_run(cfg.logger.tracking_uri, cfg.logger.experiment_name)
+        return path, run_id
+    path = Path(str(ref))
+    if not path.is_absolute():
+        path = Path(cfg.paths.root_dir) / path
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ref}: no such checkpoint file ({path})")
+    return path, read_checkpoint_meta(path).get("mlflow_run_id")
+
+
+def check_checkpoint_vocab(path: Path | None, vocab_size: int) -> None:
+    if path is None:
+        return
+    ckpt_vocab = read_checkpoint_meta(path)["hyper_parameters"].get("model_config", {}).get("vocab_size")
+    if ckpt_vocab is not None and int(ckpt_vocab) != int(vocab_size):
+        raise ValueError(
+            f"checkpoint {path} was trained with a vocabulary of {ckpt_vocab} tokens, but the tokenizer of this "
+            f"data config has {vocab_size}: use the same data/tokenizer settings as the run being resumed"
+        )
+
+
+def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLogger | None:
+    if cfg.get("logger") is None:
+        return None
+    run_id = run_id or os.environ.get(RUN_ID_ENV)
+    artifact_location = cfg.logger.get("artifact_location")
+    if artifact_location and str(cfg.logger.tracking_uri).startswith("sqlite:"):
+        artifact_location = Path(artifact_location).as_uri()
+    else:
+        artifact_location = None
+    if str(cfg.logger.tracking_uri).startswith("sqlite:"):
+        tracking.ensure_store(cfg.logger.tracking_uri, cfg.logger.get("artifact_location"))
+    logger = MLFlowLogger(
+        experiment_name=cfg.logger.experiment_name,
+        run_name=cfg.logger.get("run_name") or run_name,
+        tracking_uri=cfg.logger.tracking_uri,
+        artifact_location=artifact_location,
+        run_id=run_id,
+        log_model=False,  # checkpoints already live in the run's artifact folder; no second copy
+    )
+    if rank_zero_only.rank == 0:
+        os.environ[RUN_ID_ENV] = logger.run_id  # creates the run now, so its folder is known
+        if run_id is not None:  # resumed: the run was terminated (FAILED/KILLED) when it stopped
+            logger.experiment.update_run(run_id, status="RUNNING")
+    return logger
+
+
+def checkpoint_dir(cfg: DictConfig, logger: MLFlowLogger | None) -> Path:
+    """Inside the run's own artifact folder when the store is local, so the UI lists the checkpoints."""
+    if logger is None:
+        return Path(cfg.paths.output_dir) / "checkpoints"
+    run_id = os.environ.get(RUN_ID_ENV) or "unknown-run"
+    if rank_zero_only.rank == 0:
+        artifact_uri = logger.experiment.get_run(logger.run_id).info.artifact_uri
+        if urlparse(artifact_uri).scheme == "file":
+            return Path(urlparse(artifact_uri).path) / "checkpoints"
+    return Path(cfg.paths.root_dir) / "checkpoints" / run_id  # ranks > 0 get rank 0's dir by broadcast
+
+
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "min") -> list[pl.Callback]:
+    best = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best",
+        monitor=monitor,
+        mode=mode,
+        save_top_k=1,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="last",
+        every_n_train_steps=cfg.get("checkpoint_every_n_steps") or None,
+        save_top_k=0,
+        save_last=True,
+        enable_version_counter=False,
+    )
+    return [best, last, RichProgressBar(leave=True)]
+
+
+class RunRecordCallback(pl.Callback):
+    """Logs to the MLflow run what makes it reproducible and comparable, and curves at the end of fit."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        tags: Mapping[str, Any],
+        tokenizer_dir: Path | None,
+        plot_panels: Mapping[str, list[str]],
+    ) -> None:
+        self.cfg = cfg
+        self.tags = dict(tags)
+        self.tokenizer_dir = tokenizer_dir
+        self.plot_panels = plot_panels
+
+    def _checkpoints(self, trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, ModelCheckpoint | None]:
+        ckpts = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+        best = next((cb for cb in ckpts if cb.monitor), None)
+        last = next((cb for cb in ckpts if cb.save_last), None)
+        return best, last
+
+    @rank_zero_only
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, MLFlowLogger):
+            return
+        resolved = OmegaConf.to_container(self.cfg, resolve=True)
+        if trainer.ckpt_path is None:  # a resumed run already has its params (MLflow forbids changing them)
+            params = {k: v for k, v in tracking.flatten(resolved).items() if not k.startswith("hydra")}
+            logger.log_hyperparams(params)
+        tracking.log_text(logger, OmegaConf.to_yaml(resolved), "config.yaml")
+        if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
+            tracking.log_dir(logger, Path(self.tokenizer_dir), "tokenizer")
+        from bert.model import count_parameters
+
+        n_params = count_parameters(pl_module.model)
+        tracking.log_text(logger, f"trainable parameters: {n_params:,}\n\n{pl_module.model}\n", "model_summary.txt")
+        _, last = self._checkpoints(trainer)
+        tags = {**self.tags, "n_parameters": n_params}
+        if last is not None:  # known up front, so a killed run can be resumed with ckpt_path=last
+            tags["last_ckpt"] = str(Path(last.dirpath) / "last.ckpt")
+        tracking.set_tags(logger, tags)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = trainer.logger
+        if not isinstance(logger, MLFlowLogger):
+            return
+        best, _ = self._checkpoints(trainer)
+        if best is not None and best.best_model_path:
+            tracking.set_tags(logger, {"best_ckpt": best.best_model_path})
+        self.log_plots(trainer)
+
+    def log_plots(self, trainer: pl.Trainer) -> None:
+        logger = trainer.logger
+        if not self.cfg.logger.get("plots", True):
+            return
+        keys = [k for keys in self.plot_panels.values() for k in keys]
+        history = tracking.metric_history(logger, keys)
+        out_dir = Path(self.cfg.paths.output_dir) / "plots"
+        png = tracking.plot_curves(history, self.plot_panels, out_dir / "curves.png", title=logger.run_id or "")
+        if png is not None:
+            logger.experiment.log_artifact(logger.run_id, str(png), "plots")
