@@ -6,20 +6,24 @@ included (a space is the line `" \\tO"`, or `" \\tI-<TYPE>"` inside a multi-word
 ends a sentence.
 Tags are `O` and `B-`/`I-` x PS, LC, OG, DT, TI, QT (IOB2).
 
-The LightningDataModule (`KlueNerDataModule`) is built on top of these functions elsewhere; a stub is here.
+`KlueNerDataModule` wraps them for Lightning (fetch with mirror + checksum, split, encode, loaders).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from bert.ner_align import IGNORE_INDEX, AlignmentStats, encode_for_ner
+from bert.tokenizer import load_tokenizer
+from datamodules.download import fetch
 
 log = logging.getLogger(__name__)
 
@@ -181,6 +185,8 @@ class KlueNerDataset(Dataset):
                     ),
                     "offsets": encoded.offsets,
                     "n_chars": len(sentence.chars),
+                    "chars": sentence.chars,
+                    "char_tags": sentence.tags,
                     "index": index,
                 }
             )
@@ -214,13 +220,78 @@ def collate_ner(items: list[dict], pad_id: int = 0) -> dict:
         "labels": pad("labels", IGNORE_INDEX),
         "offsets": [item["offsets"] for item in items],
         "n_chars": [item["n_chars"] for item in items],
+        "chars": [item["chars"] for item in items],
+        "char_tags": [item["char_tags"] for item in items],
         "index": torch.tensor([item["index"] for item in items], dtype=torch.long),
     }
 
 
-class KlueNerDataModule:
-    """Stub: the LightningDataModule for KLUE-NER is written separately on top of `read_klue_ner`,
-    `split_by_index`, `KlueNerDataset` and `collate_ner`."""
+class KlueNerDataModule(pl.LightningDataModule):
+    """KLUE-NER train/val/test loaders. The tokenizer comes from the encoder being fine-tuned (its run or
+    checkpoint), so the entry point sets `tokenizer_dir` before `setup`."""
 
-    def __init__(self, *args, **kwargs):
-        raise NotImplementedError("KlueNerDataModule is not written yet; see datamodules/klue_ner.py")
+    def __init__(
+        self,
+        file: Mapping[str, Any],
+        split: Mapping[str, int] | None = None,
+        mirror: str | None = None,
+        data_dir: str = "data",
+        tokenizer_dir: str | None = None,
+        max_seq_len: int = 128,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        self.file = dict(file)
+        self.split = dict(split or {"modulus": 10, "test_mod": 0, "val_mod": 1})
+        self.mirror = mirror
+        self.data_dir = data_dir
+        self.tokenizer_dir = tokenizer_dir
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.path: Path | None = None
+        self.datasets: dict[str, KlueNerDataset] = {}
+
+    def prepare_data(self) -> None:
+        self.path = fetch(self.file["name"], self.file.get("url"), self.file.get("sha256"), self.data_dir, self.mirror)
+
+    @property
+    def data_sha256(self) -> str:
+        return str(self.file.get("sha256"))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.path is None:
+            self.prepare_data()
+        if self.tokenizer_dir is None:
+            raise ValueError("KlueNerDataModule needs tokenizer_dir (the tokenizer of the encoder)")
+        tokenizer = load_tokenizer(Path(self.tokenizer_dir))
+        splits = split_by_index(read_klue_ner(self.path), **self.split)
+        for name, sentences in splits.items():
+            self.datasets[name] = KlueNerDataset(sentences, tokenizer, self.max_seq_len)
+        log.info(
+            "KLUE-NER %s: %s sentences",
+            self.path, {name: len(ds) for name, ds in self.datasets.items()},
+        )  # fmt: skip
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            self.datasets[name],
+            batch_size=self.batch_size if shuffle else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate_ner,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

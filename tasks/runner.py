@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -193,3 +194,80 @@ class RunRecordCallback(pl.Callback):
         png = tracking.plot_curves(history, self.plot_panels, out_dir / "curves.png", title=logger.run_id or "")
         if png is not None:
             logger.experiment.log_artifact(logger.run_id, str(png), "plots")
+
+
+@dataclass
+class Encoder:
+    """What a fine-tuning run starts from: shape, tokenizer and (unless scratch) pretrained weights."""
+
+    model_config: dict[str, Any]
+    tokenizer_dir: Path
+    state_dict: dict[str, torch.Tensor] | None
+    checkpoint: Path | None
+    run_id: str | None
+
+
+def _tokenizer_dir_of(path: Path, hparams: Mapping[str, Any]) -> Path:
+    """The tokenizer recorded in the checkpoint, else the `tokenizer/` artifact beside its checkpoints folder."""
+    recorded = hparams.get("tokenizer_dir")
+    for candidate in (recorded, path.parent.parent / "tokenizer"):
+        if candidate and (Path(candidate) / "tokenizer.json").is_file():
+            return Path(candidate)
+    raise FileNotFoundError(f"no tokenizer found for checkpoint {path} (looked at {recorded} and its run's artifacts)")
+
+
+def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
+    """A pretraining checkpoint path or MLflow run id -> its model config, tokenizer and encoder weights."""
+    path = tracking.resolve_checkpoint(ref, tracking_uri)
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hparams = ckpt.get("hyper_parameters", {})
+    if "model_config" not in hparams:
+        raise ValueError(f"{path} is not a pretraining checkpoint of this project (no model_config in it)")
+    state = None
+    if with_weights:
+        state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    run_id = None if Path(str(ref)).is_file() else str(ref)
+    return Encoder(dict(hparams["model_config"]), _tokenizer_dir_of(path, hparams), state, path, run_id or ckpt.get("mlflow_run_id"))
+
+
+def resolve_encoder(cfg: DictConfig) -> Encoder:
+    """`pretrained`: a checkpoint, a run id, `newest` (newest finished pretraining run) or null (scratch, copying
+    shape and tokenizer from `scratch_like`, else the `model` preset + `tokenizer_dir`)."""
+    uri = cfg.logger.tracking_uri if cfg.get("logger") else tracking.default_tracking_uri()
+    how_to = "pretrain one first with `python run.py` (see README), or pass pretrained=<ckpt|run id>"
+
+    def newest() -> str:
+        run_id = tracking.newest_finished_run(uri, "pretrain")
+        if run_id is None:
+            raise FileNotFoundError(f"no finished pretraining run with a checkpoint in {uri}: {how_to}")
+        return run_id
+
+    if cfg.get("pretrained") is not None:
+        ref = newest() if cfg.pretrained == "newest" else str(cfg.pretrained)
+        return load_encoder(ref, uri, with_weights=True)
+    like = cfg.get("scratch_like")
+    if like is not None:
+        return load_encoder(newest() if like == "newest" else str(like), uri, with_weights=False)
+    if not cfg.get("tokenizer_dir"):
+        raise ValueError("pretrained=null scratch_like=null needs tokenizer_dir=<folder with tokenizer.json>")
+    from bert.tokenizer import load_tokenizer
+
+    tokenizer_dir = Path(cfg.tokenizer_dir)
+    model_config = {**cfg.model, "vocab_size": load_tokenizer(tokenizer_dir).get_vocab_size(), "pad_token_id": 0}
+    return Encoder(model_config, tokenizer_dir, None, None, None)
+
+
+def test_on_one_device(
+    cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, logger: Any
+) -> None:
+    """Test metrics on one device: DistributedSampler pads the set by repeating samples (PITFALLS)."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    ckpt = best if best and Path(best).is_file() else None
+    if trainer.world_size == 1:
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        return
+    if not trainer.is_global_zero:
+        return
+    single = pl.Trainer(accelerator=trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
+                        devices=1, logger=logger or False, enable_checkpointing=False)  # fmt: skip
+    single.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)

@@ -1,0 +1,165 @@
+"""Thin LightningModule for KLUE-NER: CRF loss, Viterbi decode, character-level entity metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from bert.metrics import (
+    char_confusion,
+    char_f1,
+    char_f1_klue,
+    counts_from_tensor,
+    counts_to_tensor,
+    entity_counts,
+    f1_from_counts,
+)
+from bert.model import BertConfig, load_state_dict_checked
+from bert.ner import BertCrfTagger
+from bert.ner_align import drop_spaces, pieces_to_char_tags
+from tasks.optim import build_optimizer
+
+ENTITY_TYPES = ("PS", "LC", "OG", "DT", "TI", "QT")
+
+
+class NerModule(pl.LightningModule):
+    """Metrics are computed on characters with spaces dropped, as KLUE scores: predictions are mapped back
+    from wordpieces (a piece's first character takes its tag, the following ones I-<type>)."""
+
+    def __init__(
+        self,
+        model_config: Mapping[str, Any],
+        labels: Sequence[str],
+        optim: Mapping[str, Any],
+        tokenizer_dir: str | None = None,
+        classifier_dropout: float | None = 0.1,
+        init_from: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(
+            {
+                "model_config": dict(model_config),
+                "labels": list(labels),
+                "optim": dict(optim),
+                "tokenizer_dir": tokenizer_dir,
+                "classifier_dropout": classifier_dropout,
+                "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
+            }
+        )
+        self.labels = list(labels)
+        self.label2id = {label: i for i, label in enumerate(self.labels)}
+        self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
+        self._reset_counts()
+
+    def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Pretrained encoder weights (a BertForPreTraining state dict); the heads and pooler are dropped."""
+        load_state_dict_checked(self.model.bert, state_dict, strict=True)
+
+    def _reset_counts(self) -> None:
+        self._entity = torch.zeros(len(ENTITY_TYPES), 3, dtype=torch.long)
+        self._confusion = torch.zeros(len(self.labels), len(self.labels), dtype=torch.long)
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        return loss
+
+    def char_predictions(self, batch: Mapping[str, Any]) -> list[list[str]]:
+        paths = self.model.decode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        out = []
+        for path, offsets, n_chars in zip(paths, batch["offsets"], batch["n_chars"]):
+            piece_tags = [self.labels[t] for t in path[: len(offsets)]]
+            out.append(pieces_to_char_tags(offsets, piece_tags, n_chars))
+        return out
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        bsz = batch["input_ids"].size(0)
+        loss = self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"])
+        self.log(f"{stage}/loss", loss, batch_size=bsz, sync_dist=True)
+        gold_seqs, pred_seqs = [], []
+        for chars, gold, pred in zip(batch["chars"], batch["char_tags"], self.char_predictions(batch)):
+            _, gold_kept = drop_spaces(chars, gold)  # KLUE scores without spaces
+            _, pred_kept = drop_spaces(chars, pred)
+            gold_seqs.append(gold_kept)
+            pred_seqs.append(pred_kept)
+        self._entity += counts_to_tensor(entity_counts(gold_seqs, pred_seqs), ENTITY_TYPES)
+        self._confusion += char_confusion(
+            [self.label2id[t] for seq in gold_seqs for t in seq],
+            [self.label2id[t] for seq in pred_seqs for t in seq],
+            len(self.labels),
+        )
+
+    def _log_metrics(self, stage: str) -> None:
+        # Sums of TP/FP/FN (and the char confusion) across ranks, then F1: right under DDP, unlike mean of F1s.
+        entity = self.trainer.strategy.reduce(self._entity.to(self.device), reduce_op="sum").cpu()
+        confusion = self.trainer.strategy.reduce(self._confusion.to(self.device), reduce_op="sum").cpu()
+        self._reset_counts()
+        scores = f1_from_counts(counts_from_tensor(entity, ENTITY_TYPES))
+        metrics = {
+            f"{stage}/entity_f1_micro": scores["micro"],
+            f"{stage}/entity_f1_macro": scores["macro"],
+            f"{stage}/char_f1_klue": char_f1_klue(confusion),
+            f"{stage}/char_f1": char_f1(confusion, outside_id=self.label2id["O"]),
+        }
+        for kind, f1 in scores["per_type"].items():
+            metrics[f"{stage}/entity_f1_{kind}"] = f1
+        self.log_dict(metrics, prog_bar=False)
+        self.last_eval = {"stage": stage, "entity": entity, "confusion": confusion, "metrics": metrics}
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
+
+
+def report(entity: torch.Tensor, confusion: torch.Tensor, labels: Sequence[str]) -> str:
+    """Per-type table (precision, recall, F1, support) as text, like seqeval's classification_report."""
+    counts = counts_from_tensor(entity, ENTITY_TYPES)
+    lines = [f"{'type':<6}{'precision':>10}{'recall':>10}{'f1':>10}{'support':>10}"]
+    for kind in ENTITY_TYPES:
+        tp, fp, fn = counts.get(kind, (0, 0, 0))
+        p = tp / (tp + fp) if tp + fp else 0.0
+        r = tp / (tp + fn) if tp + fn else 0.0
+        f = 2 * p * r / (p + r) if p + r else 0.0
+        lines.append(f"{kind:<6}{p:>10.4f}{r:>10.4f}{f:>10.4f}{tp + fn:>10d}")
+    scores = f1_from_counts(counts)
+    lines.append(f"\nentity F1 micro {scores['micro']:.4f}  macro {scores['macro']:.4f}")
+    lines.append(f"char F1 (KLUE, O included) {char_f1_klue(confusion):.4f}  char F1 (O excluded) {char_f1(confusion):.4f}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_confusion(confusion: torch.Tensor, labels: Sequence[str], out_png) -> None:
+    """Row-normalised character confusion matrix (gold rows, predicted columns)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norm = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            if confusion[i, j]:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=5,
+                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
