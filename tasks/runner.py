@@ -207,7 +207,7 @@ class Encoder:
     run_id: str | None
 
 
-def _tokenizer_dir_of(path: Path, hparams: Mapping[str, Any]) -> Path:
+def tokenizer_dir_of(path: Path, hparams: Mapping[str, Any]) -> Path:
     """The tokenizer recorded in the checkpoint, else the `tokenizer/` artifact beside its checkpoints folder."""
     recorded = hparams.get("tokenizer_dir")
     for candidate in (recorded, path.parent.parent / "tokenizer"):
@@ -227,7 +227,7 @@ def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
     if with_weights:
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     run_id = None if Path(str(ref)).is_file() else str(ref)
-    return Encoder(dict(hparams["model_config"]), _tokenizer_dir_of(path, hparams), state, path, run_id or ckpt.get("mlflow_run_id"))
+    return Encoder(dict(hparams["model_config"]), tokenizer_dir_of(path, hparams), state, path, run_id or ckpt.get("mlflow_run_id"))
 
 
 def resolve_encoder(cfg: DictConfig) -> Encoder:
