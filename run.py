@@ -11,7 +11,7 @@ os.environ["BERT_PROJECT_ROOT"] = str(ROOT)  # conf/paths anchors every path her
 
 import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from bert.model import count_parameters  # noqa: E402
 from tasks import runner, tracking  # noqa: E402
@@ -34,10 +34,14 @@ def train(cfg: DictConfig) -> float | None:
     datamodule.prepare_data()
     runner.check_checkpoint_vocab(ckpt_path, datamodule.vocab_size)
 
-    model_config = {**cfg.model, "vocab_size": datamodule.vocab_size, "pad_token_id": 0}
+    model_config = {
+        **OmegaConf.to_container(cfg.model, resolve=True),
+        "vocab_size": datamodule.vocab_size,
+        "pad_token_id": 0,
+    }
     module = PretrainModule(
         model_config=model_config,
-        optim=cfg.optim,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),  # plain types: weights_only loads
         tokenizer_dir=str(datamodule.tokenizer_dir),
         compile=cfg.get("compile", False),
     )
@@ -47,7 +51,11 @@ def train(cfg: DictConfig) -> float | None:
     logger = runner.build_logger(cfg, run_id, run_name)
     module.mlflow_run_id = os.environ.get(runner.RUN_ID_ENV)
     callbacks = runner.build_callbacks(cfg, runner.checkpoint_dir(cfg, logger), monitor="val/loss")
-    tags = {"git_commit": tracking.git_commit(ROOT), "data_sha256": datamodule.data_sha256, "task": cfg.task_name}
+    tags = {
+        "git_commit": tracking.git_commit(ROOT),
+        "data_sha256": datamodule.data_sha256,
+        "task": cfg.task_name,
+    }
     callbacks.append(runner.RunRecordCallback(cfg, tags, datamodule.tokenizer_dir, PLOT_PANELS))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
@@ -59,7 +67,10 @@ def train(cfg: DictConfig) -> float | None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="pretrain")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    try:
+        return train(cfg)
+    finally:
+        os.environ.pop(runner.RUN_ID_ENV, None)  # the next job of a sweep starts its own run
 
 
 if __name__ == "__main__":

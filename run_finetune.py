@@ -11,7 +11,7 @@ os.environ["BERT_PROJECT_ROOT"] = str(ROOT)  # conf/paths anchors every path her
 
 import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from datamodules.klue_ner import LABELS  # noqa: E402
 from tasks import runner, tracking  # noqa: E402
@@ -35,7 +35,7 @@ def train(cfg: DictConfig) -> float | None:
     module = NerModule(
         model_config=encoder.model_config,
         labels=LABELS,
-        optim=cfg.optim,
+        optim=OmegaConf.to_container(cfg.optim, resolve=True),  # plain types: weights_only loads
         tokenizer_dir=str(encoder.tokenizer_dir),
         classifier_dropout=cfg.task.get("classifier_dropout"),
         init_from=str(encoder.checkpoint) if encoder.state_dict is not None else None,
@@ -78,12 +78,17 @@ def write_report(cfg: DictConfig, module: NerModule, logger) -> None:
     plot_confusion(last["confusion"], module.labels, out_dir / f"{last['stage']}_confusion.png")
     if logger is not None:
         logger.experiment.log_artifact(logger.run_id, str(out_dir / f"{last['stage']}_report.txt"))
-        logger.experiment.log_artifact(logger.run_id, str(out_dir / f"{last['stage']}_confusion.png"), "plots")
+        logger.experiment.log_artifact(
+            logger.run_id, str(out_dir / f"{last['stage']}_confusion.png"), "plots"
+        )
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
 def main(cfg: DictConfig) -> float | None:
-    return train(cfg)
+    try:
+        return train(cfg)
+    finally:
+        os.environ.pop(runner.RUN_ID_ENV, None)  # the next job of a sweep starts its own run
 
 
 if __name__ == "__main__":

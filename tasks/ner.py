@@ -63,7 +63,9 @@ class NerModule(pl.LightningModule):
         self._confusion = torch.zeros(len(self.labels), len(self.labels), dtype=torch.long)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"])
+        loss = self.model.loss(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
+        )
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
         return loss
 
@@ -77,7 +79,9 @@ class NerModule(pl.LightningModule):
 
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         bsz = batch["input_ids"].size(0)
-        loss = self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"])
+        loss = self.model.loss(
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
+        )
         self.log(f"{stage}/loss", loss, batch_size=bsz, sync_dist=True)
         gold_seqs, pred_seqs = [], []
         for chars, gold, pred in zip(batch["chars"], batch["char_tags"], self.char_predictions(batch)):
@@ -137,7 +141,9 @@ def report(entity: torch.Tensor, confusion: torch.Tensor, labels: Sequence[str])
         lines.append(f"{kind:<6}{p:>10.4f}{r:>10.4f}{f:>10.4f}{tp + fn:>10d}")
     scores = f1_from_counts(counts)
     lines.append(f"\nentity F1 micro {scores['micro']:.4f}  macro {scores['macro']:.4f}")
-    lines.append(f"char F1 (KLUE, O included) {char_f1_klue(confusion):.4f}  char F1 (O excluded) {char_f1(confusion):.4f}")
+    lines.append(
+        f"char F1 (KLUE, O included) {char_f1_klue(confusion):.4f}  char F1 (O excluded) {char_f1(confusion):.4f}"
+    )
     return "\n".join(lines) + "\n"
 
 

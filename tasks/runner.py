@@ -50,7 +50,9 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, str | None]:
         return None, None
     if str(ref) == "last":
         if cfg.get("logger") is None:
-            raise ValueError("ckpt_path=last looks up the newest MLflow run; it needs a logger (not logger=none)")
+            raise ValueError(
+                "ckpt_path=last looks up the newest MLflow run; it needs a logger (not logger=none)"
+            )
         run_id, path = tracking.find_resumable_run(cfg.logger.tracking_uri, cfg.logger.experiment_name)
         return path, run_id
     path = Path(str(ref))
@@ -75,7 +77,17 @@ def check_checkpoint_vocab(path: Path | None, vocab_size: int) -> None:
 def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLogger | None:
     if cfg.get("logger") is None:
         return None
-    run_id = run_id or os.environ.get(RUN_ID_ENV)
+    if rank_zero_only.rank != 0:  # a DDP process re-launched by Lightning: log nothing, know rank 0's run
+        run_id = os.environ.get(RUN_ID_ENV)
+    if (
+        run_id is not None
+        and rank_zero_only.rank == 0
+        and not tracking.run_exists(cfg.logger.tracking_uri, run_id)
+    ):
+        log.warning(
+            "run %s of the checkpoint is not in %s: logging to a new run", run_id, cfg.logger.tracking_uri
+        )
+        run_id = None
     artifact_location = cfg.logger.get("artifact_location")
     if artifact_location and str(cfg.logger.tracking_uri).startswith("sqlite:"):
         artifact_location = Path(artifact_location).as_uri()
@@ -107,7 +119,7 @@ def checkpoint_dir(cfg: DictConfig, logger: MLFlowLogger | None) -> Path:
         artifact_uri = logger.experiment.get_run(logger.run_id).info.artifact_uri
         if urlparse(artifact_uri).scheme == "file":
             return Path(urlparse(artifact_uri).path) / "checkpoints"
-    return Path(cfg.paths.root_dir) / "checkpoints" / run_id  # ranks > 0 get rank 0's dir by broadcast
+    return Path(cfg.paths.checkpoint_dir) / run_id  # ranks > 0 get rank 0's dir by broadcast
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "min") -> list[pl.Callback]:
@@ -167,7 +179,9 @@ class RunRecordCallback(pl.Callback):
         from bert.model import count_parameters
 
         n_params = count_parameters(pl_module.model)
-        tracking.log_text(logger, f"trainable parameters: {n_params:,}\n\n{pl_module.model}\n", "model_summary.txt")
+        tracking.log_text(
+            logger, f"trainable parameters: {n_params:,}\n\n{pl_module.model}\n", "model_summary.txt"
+        )
         _, last = self._checkpoints(trainer)
         tags = {**self.tags, "n_parameters": n_params}
         if last is not None:  # known up front, so a killed run can be resumed with ckpt_path=last
@@ -191,7 +205,9 @@ class RunRecordCallback(pl.Callback):
         keys = [k for keys in self.plot_panels.values() for k in keys]
         history = tracking.metric_history(logger, keys)
         out_dir = Path(self.cfg.paths.output_dir) / "plots"
-        png = tracking.plot_curves(history, self.plot_panels, out_dir / "curves.png", title=logger.run_id or "")
+        png = tracking.plot_curves(
+            history, self.plot_panels, out_dir / "curves.png", title=logger.run_id or ""
+        )
         if png is not None:
             logger.experiment.log_artifact(logger.run_id, str(png), "plots")
 
@@ -213,7 +229,9 @@ def tokenizer_dir_of(path: Path, hparams: Mapping[str, Any]) -> Path:
     for candidate in (recorded, path.parent.parent / "tokenizer"):
         if candidate and (Path(candidate) / "tokenizer.json").is_file():
             return Path(candidate)
-    raise FileNotFoundError(f"no tokenizer found for checkpoint {path} (looked at {recorded} and its run's artifacts)")
+    raise FileNotFoundError(
+        f"no tokenizer found for checkpoint {path} (looked at {recorded} and its run's artifacts)"
+    )
 
 
 def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
@@ -227,7 +245,13 @@ def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
     if with_weights:
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     run_id = None if Path(str(ref)).is_file() else str(ref)
-    return Encoder(dict(hparams["model_config"]), tokenizer_dir_of(path, hparams), state, path, run_id or ckpt.get("mlflow_run_id"))
+    return Encoder(
+        dict(hparams["model_config"]),
+        tokenizer_dir_of(path, hparams),
+        state,
+        path,
+        run_id or ckpt.get("mlflow_run_id"),
+    )
 
 
 def resolve_encoder(cfg: DictConfig) -> Encoder:
@@ -253,7 +277,11 @@ def resolve_encoder(cfg: DictConfig) -> Encoder:
     from bert.tokenizer import load_tokenizer
 
     tokenizer_dir = Path(cfg.tokenizer_dir)
-    model_config = {**cfg.model, "vocab_size": load_tokenizer(tokenizer_dir).get_vocab_size(), "pad_token_id": 0}
+    model_config = {
+        **OmegaConf.to_container(cfg.model, resolve=True),
+        "vocab_size": load_tokenizer(tokenizer_dir).get_vocab_size(),
+        "pad_token_id": 0,
+    }
     return Encoder(model_config, tokenizer_dir, None, None, None)
 
 

@@ -43,7 +43,9 @@ def _store_lock(tracking_uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_store(tracking_uri: str, artifact_location: str | None, experiments: Iterable[str] = EXPERIMENTS) -> None:
+def ensure_store(
+    tracking_uri: str, artifact_location: str | None, experiments: Iterable[str] = EXPERIMENTS
+) -> None:
     """Create (or migrate) the store and our experiments once, before any parallel client exists."""
     from mlflow.tracking import MlflowClient
 
@@ -118,7 +120,9 @@ def find_resumable_run(tracking_uri: str, experiment: str) -> tuple[str, Path]:
     client = _client(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is not None:
-        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+        runs = client.search_runs(
+            [exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=50
+        )
         for run in runs:
             ckpt = run.data.tags.get("last_ckpt")
             if ckpt and Path(ckpt).is_file():
@@ -127,6 +131,15 @@ def find_resumable_run(tracking_uri: str, experiment: str) -> tuple[str, Path]:
         f"ckpt_path=last: no run in experiment '{experiment}' of {tracking_uri} has a last checkpoint on disk. "
         "Start a run without ckpt_path first, or pass ckpt_path=<file.ckpt>."
     )
+
+
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return _client(tracking_uri).get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
 
 
 def newest_finished_run(tracking_uri: str, experiment: str = "pretrain") -> str | None:

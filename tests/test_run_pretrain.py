@@ -1,0 +1,257 @@
+"""End-to-end: `python run.py` as a user runs it, on a small real corpus, with a throw-away MLflow store."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data=petition_small"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cache")  # the prepared corpus/tokenizer is shared by this module's runs
+
+
+def run_cli(script: str, args: list[str], workdir: Path, cache_dir: Path, timeout: int = 300, **popen):
+    """Run an entry point from an unrelated cwd, with every output under `workdir`."""
+    cmd = [
+        sys.executable, str(ROOT / script), *args,
+        f"paths.mlruns_dir={workdir}/mlruns", f"paths.cache_dir={cache_dir}",
+        f"paths.checkpoint_dir={workdir}/checkpoints",
+        f"hydra.run.dir={workdir}/out", f"hydra.sweep.dir={workdir}/multirun",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if popen:
+        return subprocess.Popen(
+            cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    return subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def client_for(workdir: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+
+
+def runs_of(workdir: Path, experiment: str = "pretrain"):
+    client = client_for(workdir)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def check(proc) -> None:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def fdr_run(tmp_path_factory, cache_dir):
+    workdir = tmp_path_factory.mktemp("fdr")
+    proc = run_cli("run.py", [*SMALL, "debug=fdr"], workdir, cache_dir)
+    check(proc)
+    return workdir, proc
+
+
+def test_fdr_run_is_tracked_in_mlflow(fdr_run):
+    workdir, proc = fdr_run
+    assert "trainable parameters:" in proc.stdout
+    (run,) = runs_of(workdir)
+    client = client_for(workdir)
+    assert run.info.status == "FINISHED"
+    for key in ("train/mlm_loss", "train/nsp_loss", "train/loss", "train/mlm_acc", "train/nsp_acc",
+                "train/tokens_per_s", "lr", "val/loss", "val/mlm_loss", "val/nsp_loss", "val/mlm_acc",
+                "val/nsp_acc", "val/mlm_ppl"):  # fmt: skip
+        assert key in run.data.metrics, key
+    assert len(client.get_metric_history(run.info.run_id, "train/mlm_loss")) == 3  # one per step
+    assert run.data.params["model.hidden_size"] == "128"
+    assert run.data.params["data.vocab_size"] == "2000"
+    tags = run.data.tags
+    assert tags["git_commit"] and tags["data_sha256"] and tags["task"] == "pretrain"
+    for tag in ("best_ckpt", "last_ckpt"):
+        assert Path(tags[tag]).is_file(), tags[tag]
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert Path(tags["last_ckpt"]).parent == artifacts / "checkpoints"  # inside the run, not ./<id>/
+    for name in ("config.yaml", "model_summary.txt", "tokenizer/tokenizer.json", "plots/curves.png"):
+        assert (artifacts / name).is_file(), name
+    assert "trainable parameters" in (artifacts / "model_summary.txt").read_text()
+    stray = {p.name for p in workdir.iterdir()} - {"mlruns", "out", "checkpoints"}
+    assert not stray, f"files written outside the configured folders: {stray}"
+
+
+def test_checkpoint_exports_to_transformers(fdr_run, tmp_path):
+    workdir, _ = fdr_run
+    (run,) = runs_of(workdir)
+    out = tmp_path / "hf"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bert.export", run.data.tags["best_ckpt"], str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    check(proc)
+    transformers = pytest.importorskip("transformers")
+    model = transformers.BertForPreTraining.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size == tok.vocab_size == len(tok)
+    assert tok("서울특별시에 살아요")["input_ids"][0] == tok.cls_token_id
+
+
+def test_bad_configs_fail_before_training(fdr_run, cache_dir, tmp_path):
+    workdir, _ = fdr_run
+    cases = {
+        "no_such_key=1": "Could not override 'no_such_key'",
+        "model=huge": "Could not find 'model/huge'",
+        "ckpt_path=/nonexistent/x.ckpt": "no such checkpoint file",
+    }
+    for override, message in cases.items():
+        proc = run_cli("run.py", [*SMALL, override], tmp_path, cache_dir, timeout=120)
+        assert proc.returncode != 0
+        assert message in proc.stderr + proc.stdout, (override, proc.stderr[-2000:])
+    assert not runs_of(tmp_path), "a bad config must not start an MLflow run"
+
+    (run,) = runs_of(workdir)
+    proc = run_cli(
+        "run.py",
+        [*SMALL, "data.vocab_size=6000", f"ckpt_path={run.data.tags['last_ckpt']}"],
+        tmp_path,
+        cache_dir,
+    )
+    assert proc.returncode != 0
+    assert "was trained with a vocabulary of" in proc.stderr, proc.stderr[-2000:]
+    assert not runs_of(tmp_path)
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_job(cache_dir, tmp_path):
+    proc = run_cli("run.py", ["-m", *SMALL, "debug=fdr", "model=tiny,mini"], tmp_path, cache_dir, timeout=400)
+    check(proc)
+    runs = runs_of(tmp_path)
+    assert sorted(r.data.params["model.hidden_size"] for r in runs) == ["128", "256"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_one_run(cache_dir, tmp_path):
+    proc = run_cli(
+        "run.py", [*SMALL, "debug=fdr", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu"],
+        tmp_path, cache_dir, timeout=400,
+    )  # fmt: skip
+    check(proc)
+    (run,) = runs_of(tmp_path)  # only rank 0 writes to MLflow
+    assert run.info.status == "FINISHED"
+    assert "train/mlm_loss" in run.data.metrics
+    assert Path(run.data.tags["last_ckpt"]).is_file()
+
+
+@pytest.mark.slow
+def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
+    args = [*SMALL, "trainer.max_steps=60", "checkpoint_every_n_steps=5", "trainer.val_check_interval=30",
+            "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
+    proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
+    deadline = time.time() + 240
+    last = None
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "mlruns").rglob("last.ckpt"))
+        if found and found[0].stat().st_size > 0:
+            last = found[0]
+            time.sleep(3)  # a few more steps beyond the checkpoint, then die without warning
+            break
+        time.sleep(0.5)
+    assert last is not None and proc.poll() is None, "run ended before its first checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_ms = time.time() * 1000
+    (run,) = runs_of(tmp_path)
+
+    import torch
+
+    ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir)
+    check(resumed)
+    (after,) = runs_of(tmp_path)
+    assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
+    history = client_for(tmp_path).get_metric_history(run.info.run_id, "train/mlm_loss")
+    new_steps = sorted(m.step for m in history if m.timestamp > killed_ms)
+    assert new_steps[0] == ckpt_step > 0, (ckpt_step, new_steps[:3])  # continues where the checkpoint was
+    assert new_steps == list(range(ckpt_step, 60))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_mlflow(args: list[str], port: int, log: Path) -> subprocess.Popen:
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    proc = subprocess.Popen(
+        [str(mlflow_bin), *args, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.5)
+        if proc.poll() is not None:
+            break
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise AssertionError(f"mlflow did not start:\n{log.read_text()[-3000:]}")
+
+
+def _rest(port: int, path: str, payload: dict | None = None) -> dict:
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/{path}"
+    data = json.dumps(payload).encode() if payload is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.slow
+def test_remote_mlflow_server_and_local_ui(fdr_run, cache_dir, tmp_path):
+    port = _free_port()
+    server = _start_mlflow(
+        ["server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+         "--artifacts-destination", str(tmp_path / "server-artifacts")],
+        port, tmp_path / "server.log",
+    )  # fmt: skip
+    try:
+        work = tmp_path / "client"
+        work.mkdir()
+        proc = run_cli(
+            "run.py", [*SMALL, "debug=fdr", f"logger.tracking_uri=http://127.0.0.1:{port}"], work, cache_dir
+        )
+        check(proc)
+        exp = _rest(port, "experiments/get-by-name?experiment_name=pretrain")["experiment"]
+        (run,) = _rest(port, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        run_id = run["info"]["run_id"]
+        hist = _rest(port, f"metrics/get-history?run_id={run_id}&metric_key=train/nsp_loss")["metrics"]
+        assert [m["step"] for m in hist] == [0, 1, 2]
+        assert not (work / "mlruns").exists(), "a remote run must not create a local store"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+    workdir, _ = fdr_run  # the local SQLite store, browsed the way the README says
+    port = _free_port()
+    ui = _start_mlflow(
+        ["ui", "--backend-store-uri", f"sqlite:///{workdir}/mlruns/mlflow.db"], port, tmp_path / "ui.log"
+    )
+    try:
+        exp = _rest(port, "experiments/get-by-name?experiment_name=pretrain")["experiment"]
+        runs = _rest(port, "runs/search", {"experiment_ids": [exp["experiment_id"]]})["runs"]
+        assert len(runs) == 1 and runs[0]["info"]["status"] == "FINISHED"
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
