@@ -47,7 +47,8 @@ class NerModule(pl.LightningModule):
                 "tokenizer_dir": tokenizer_dir,
                 "classifier_dropout": classifier_dropout,
                 "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
-            }
+            },
+            logger=False,  # RunRecordCallback logs them, under module.*
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}

@@ -28,7 +28,8 @@ class PretrainModule(pl.LightningModule):
         super().__init__()
         # model_config and tokenizer_dir travel inside every checkpoint: export and fine-tuning rebuild from them.
         self.save_hyperparameters(
-            {"model_config": dict(model_config), "optim": dict(optim), "tokenizer_dir": tokenizer_dir}
+            {"model_config": dict(model_config), "optim": dict(optim), "tokenizer_dir": tokenizer_dir},
+            logger=False,  # RunRecordCallback logs them, under module.*
         )
         self.model = BertForPreTraining(BertConfig(**dict(model_config)))
         self._compile = compile

@@ -172,6 +172,9 @@ class RunRecordCallback(pl.Callback):
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         if trainer.ckpt_path is None:  # a resumed run already has its params (MLflow forbids changing them)
             params = {k: v for k, v in tracking.flatten(resolved).items() if not k.startswith("hydra")}
+            params.update(
+                tracking.flatten(dict(pl_module.hparams), "module.")
+            )  # e.g. the tokenizer's vocab_size
             logger.log_hyperparams(params)
         tracking.log_text(logger, OmegaConf.to_yaml(resolved), "config.yaml")
         if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():

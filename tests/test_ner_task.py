@@ -1,0 +1,112 @@
+"""CRF head behaviour and the fine-tuning entry point end to end."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from bert.model import BertConfig
+from bert.ner import BertCrfTagger
+from tests.test_run_pretrain import ROOT, check, run_cli, runs_of
+
+CONFIG = BertConfig(
+    vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+)
+
+
+def test_padding_does_not_change_a_decode():
+    torch.manual_seed(0)
+    model = BertCrfTagger(CONFIG, num_tags=13).eval()
+    ids = torch.randint(5, 99, (1, 9))
+    alone = model.decode(ids, torch.ones_like(ids))[0]
+    batch = torch.zeros(3, 14, dtype=torch.long)
+    mask = torch.zeros_like(batch)
+    batch[0, :9], mask[0, :9] = ids[0], 1
+    batch[1, :14], mask[1, :14] = torch.randint(5, 99, (14,)), 1
+    batch[2, :4], mask[2, :4] = torch.randint(5, 99, (4,)), 1
+    paths = model.decode(batch, mask)
+    assert paths[0] == alone
+    assert [len(p) for p in paths] == [9, 14, 4]
+
+
+def test_gold_nll_is_nonnegative_and_decreases_when_training():
+    torch.manual_seed(0)
+    model = BertCrfTagger(CONFIG, num_tags=5)
+    ids = torch.randint(5, 99, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[2:, 8:] = 0
+    tags = torch.randint(0, 5, (4, 12)).masked_fill(mask == 0, -100)  # -100 at padding must be handled
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model.loss(ids, mask, tags)
+        assert loss.item() >= 0  # -log p(gold path) with p <= 1
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    assert model.decode(ids[:1], mask[:1])[0] == tags[0].tolist()  # memorised
+
+
+@pytest.fixture(scope="module")
+def pretrained_store(tmp_path_factory):
+    """A tiny pretraining run in a throw-away store, to fine-tune from."""
+    workdir = tmp_path_factory.mktemp("ner")
+    cache = tmp_path_factory.mktemp("ner-cache")
+    check(run_cli("run.py", ["data=petition_small", "debug=fdr"], workdir, cache))
+    return workdir, cache
+
+
+def test_finetune_without_any_pretraining_run_says_how_to_make_one(tmp_path):
+    proc = run_cli("run_finetune.py", ["task=ner"], tmp_path, tmp_path / "cache", timeout=120)
+    assert proc.returncode != 0
+    assert "no finished pretraining run" in proc.stderr and "python run.py" in proc.stderr
+
+
+@pytest.mark.slow
+def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
+    workdir, cache = pretrained_store
+    (pre,) = runs_of(workdir)
+    proc = run_cli(
+        "run_finetune.py",
+        ["-m", "task=ner", "debug=fdr", f"pretrained={pre.info.run_id},null"],
+        workdir,
+        cache,
+        timeout=400,
+    )
+    check(proc)
+    runs = runs_of(workdir, "finetune-ner")
+    assert sorted(r.data.tags["init"] for r in runs) == ["pretrained", "scratch"]
+    client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        for stage in ("val", "test"):
+            for key in ("entity_f1_micro", "entity_f1_macro", "char_f1_klue", "char_f1", "loss"):
+                assert f"{stage}/{key}" in run.data.metrics, (stage, key)
+        assert "train/loss" in run.data.metrics
+        artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+        for name in (
+            "test_report.txt",
+            "plots/test_confusion.png",
+            "plots/curves.png",
+            "tokenizer/tokenizer.json",
+        ):
+            assert (artifacts / name).is_file(), name
+        assert client.get_metric_history(run.info.run_id, "train/loss")
+    pretrained = next(r for r in runs if r.data.tags["init"] == "pretrained")
+    assert pretrained.data.tags["pretrained_run"] == pre.info.run_id
+
+    # tag raw text with the fine-tuned model (command line)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.tag", pretrained.data.tags["best_ckpt"], "이순신은 1545년 서울에서 태어났다."],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    check(out)
+    assert out.stdout.startswith("이순신은 1545년 서울에서 태어났다.")
