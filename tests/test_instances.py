@@ -1,0 +1,277 @@
+"""Google's create_pretraining_data.py rules (datamodules/instances.py), checked on a real petitions month."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from datamodules.instances import (
+    IGNORE_INDEX,
+    MaskingConfig,
+    NotEnoughDocumentsError,
+    build_example,
+    mask_tokens,
+    nsp_labels,
+    plan_instances,
+    truncate_pair,
+    truncated_lengths,
+)
+from datamodules.pretrain import EpochSampler, PretrainingDataset, build_plan, load_tokens
+from tests.test_pretrain_data import month_datamodule, shared_base
+
+MAX_SEQ_LEN = 128
+
+
+@pytest.fixture(scope="module")
+def datamodule(mirror, tmp_path_factory):
+    return month_datamodule(shared_base(tmp_path_factory))
+
+
+@pytest.fixture(scope="module")
+def train(datamodule) -> PretrainingDataset:
+    return datamodule.datasets["train"]
+
+
+@pytest.fixture(scope="module")
+def examples(train) -> list[dict]:
+    """The first 2,500 examples of epoch 0 as the train loader serves them (shuffled by the sampler; the plan
+    itself is in corpus order, where the label share drifts with the documents)."""
+    return [train[key] for key in itertools.islice(EpochSampler(train, batch_size=32, seed=1234), 2500)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# NSP pairs
+
+
+def test_not_next_never_comes_from_the_same_document(train):
+    plan = np.asarray(train.plan)
+    labels = nsp_labels(plan)
+    assert (plan[labels == 1, 4] != plan[labels == 1, 5]).all()
+    is_next = plan[labels == 0]
+    assert (is_next[:, 2] == is_next[:, 1]).all()  # IsNext: B is the continuation right after A
+
+
+def test_is_next_ratio_is_one_half(examples):
+    labels = np.array([e["nsp_label"] for e in examples[:2000]])
+    assert abs(labels.mean() - 0.5) <= 0.05  # BERT paper 3.1: 50% IsNext, 50% random
+
+
+def test_google_exact_mode_shows_the_forced_not_next_surplus(datamodule):
+    """balance_nsp=False is Google's rule verbatim: one-sentence chunks are always NotNext, the others 50/50."""
+    prepared = datamodule._prepare()
+    args = (
+        prepared["tokens"]["train"],
+        prepared["corpora"]["train"],
+        prepared["doc_ids"]["train"],
+        MAX_SEQ_LEN,
+        0.1,
+    )
+    path, meta = build_plan(*args, seed=5, cache_dir=datamodule.cache_dir / "plans-google", balance_nsp=False)
+    plan = np.fromfile(path, dtype=np.int64).reshape(-1, 6)
+    not_next = int(nsp_labels(plan).sum())
+    chosen_not_next = not_next - meta["forced_not_next"]
+    assert abs(chosen_not_next / meta["chosen_pairs"] - 0.5) < 0.03
+    assert not_next / len(plan) > 0.53  # the surplus balance_nsp removes
+
+
+def test_not_next_draws_among_the_other_documents_only_even_with_two_documents():
+    # two documents: Google's 10-retry loop could land on the same one; here the other one is the only choice
+    line_offsets = np.array([0, 5, 9, 9, 14, 20, 26, 26])  # doc 0: lines 0-1 (+blank 2), doc 1: lines 3-5
+    documents = np.array([[0, 2], [3, 3]])
+    for seed in range(50):
+        plan = np.concatenate(list(plan_instances(line_offsets, documents, [0, 1], 12, 0.5, seed)))
+        doc_range = {0: (0, 9), 1: (9, 26)}  # token ranges of the two documents
+        for a_start, a_end, b_start, b_end, a_doc, b_doc in plan.tolist():
+            assert doc_range[a_doc][0] <= a_start < a_end <= doc_range[a_doc][1]
+            assert doc_range[b_doc][0] <= b_start < b_end <= doc_range[b_doc][1]  # B really is in b_doc
+            assert a_doc != b_doc or b_start == a_end  # same document only as the continuation (IsNext)
+
+
+def test_single_document_cannot_make_not_next():
+    with pytest.raises(NotEnoughDocumentsError, match="1 usable document"):
+        list(plan_instances(np.array([0, 5, 9, 9]), np.array([[0, 2]]), [0], 128, 0.1, 0))
+
+
+def test_one_sentence_documents_give_not_next_as_google_does():
+    # five one-sentence documents: a chunk of one sentence cannot be split, so B always comes from elsewhere
+    line_offsets = np.array([0, 7, 7, 10, 10, 12, 12, 20, 20, 21, 21])
+    documents = np.array([[0, 1], [2, 1], [4, 1], [6, 1], [8, 1]])
+    plan = np.concatenate(list(plan_instances(line_offsets, documents, range(5), 128, 0.1, 0)))
+    assert len(plan) == 5 and (nsp_labels(plan) == 1).all()
+    assert sorted(plan[:, 4].tolist()) == [0, 1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masking
+
+
+def test_masked_share_and_80_10_10_split(train, examples):
+    vocab_size = train.masking.vocab_size
+    candidates = masked = as_mask = as_random = kept = 0
+    for example in examples:
+        ids, labels = example["input_ids"], example["mlm_labels"]
+        target = labels != IGNORE_INDEX
+        original = np.where(target, labels, ids)
+        candidates += int((original >= 5).sum()) - 0  # [CLS]/[SEP] are < 5 in the original sequence too
+        masked += int(target.sum())
+        as_mask += int((ids[target] == 4).sum())
+        kept += int((ids[target] == labels[target]).sum())
+        replaced = ids[target][(ids[target] != 4) & (ids[target] != labels[target])]
+        as_random += len(replaced)
+        assert (replaced >= 5).all() and (
+            replaced < vocab_size
+        ).all()  # never a special id, never past the table
+    assert candidates >= 10_000
+    assert abs(masked / candidates - 0.15) <= 0.01
+    assert abs(as_mask / masked - 0.8) <= 0.02
+    assert abs(as_random / masked - 0.1) <= 0.02  # a random draw equal to the original counts as "kept"
+    assert abs(kept / masked - 0.1) <= 0.02
+
+
+def test_special_tokens_are_never_targets_and_layout_is_cls_a_sep_b_sep(examples):
+    for example in examples:
+        ids, types, labels = example["input_ids"], example["token_type_ids"], example["mlm_labels"]
+        target = labels != IGNORE_INDEX
+        assert target.sum() >= 1
+        assert (labels[target] >= 5).all()  # never [PAD]/[UNK]/[CLS]/[SEP]/[MASK]
+        original = np.where(target, labels, ids)
+        seps = np.flatnonzero(original == 3)
+        assert original[0] == 2 and len(seps) == 2 and seps[1] == len(ids) - 1
+        assert (types[: seps[0] + 1] == 0).all() and (types[seps[0] + 1 :] == 1).all()
+        assert seps[0] >= 2 and seps[1] - seps[0] >= 2  # A and B both hold at least one token
+        assert len(ids) <= MAX_SEQ_LEN
+
+
+def test_lengths_never_exceed_max_seq_len_and_match_the_plan(train):
+    lengths = train.lengths()
+    assert lengths.max() <= MAX_SEQ_LEN
+    for index in range(0, len(train), 97):
+        assert len(train[index]["input_ids"]) == lengths[index]
+    short = (lengths < MAX_SEQ_LEN - 10).mean()
+    assert 0.05 < short < 0.5  # short_seq_prob=0.1 plus document ends
+
+
+def test_same_seed_same_examples_other_epoch_other_masks(datamodule, train):
+    same = PretrainingDataset(
+        train.tokens_dir, train.plan_path, len(train), MAX_SEQ_LEN, train.masking, train.seed, "train"
+    )
+    for index in (0, 7, 1234):
+        for key in ("input_ids", "mlm_labels", "token_type_ids"):
+            assert (same[index][key] == train[index][key]).all()
+    changed = [(train[(1, i)]["mlm_labels"] != train[(0, i)]["mlm_labels"]).any() for i in range(200)]
+    assert np.mean(changed) > 0.95
+    # the plan itself is a pure function of the seed
+    prepared = datamodule._prepare()
+    args = (
+        prepared["tokens"]["train"],
+        prepared["corpora"]["train"],
+        prepared["doc_ids"]["train"],
+        MAX_SEQ_LEN,
+        0.1,
+    )
+    path_a, _ = build_plan(*args, seed=99, cache_dir=datamodule.cache_dir / "plans-test-a")
+    path_b, _ = build_plan(*args, seed=99, cache_dir=datamodule.cache_dir / "plans-test-b")
+    path_c, _ = build_plan(*args, seed=100, cache_dir=datamodule.cache_dir / "plans-test-b")
+    assert path_a.read_bytes() == path_b.read_bytes() != path_c.read_bytes()
+
+
+def test_every_sentence_of_the_split_is_in_exactly_one_instance(datamodule, train):
+    """Google's guarantee: with unused continuation sentences put back after a NotNext, every sentence (with at
+    least one token) of every document of the split lies in exactly one instance's own-document span (A, or B
+    of an IsNext) per epoch. Truncation may still cut tokens off the ends of a long pair (as in Google)."""
+    prepared = datamodule._prepare()
+    _, line_offsets, _ = load_tokens(prepared["tokens"]["train"])
+    documents = np.load(prepared["corpora"]["train"] / "documents.npy")
+    plan = np.asarray(train.plan)
+    own = [plan[:, [0, 1]], plan[nsp_labels(plan) == 0][:, [2, 3]]]
+    spans = np.concatenate(own)
+    spans = spans[np.argsort(spans[:, 0])]
+    assert (spans[1:, 0] >= spans[:-1, 1]).all()  # no token of the corpus in two own-document spans
+    covered = int((spans[:, 1] - spans[:, 0]).sum())
+    docs = prepared["doc_ids"]["train"]
+    first, count = documents[docs, 0], documents[docs, 1]
+    expected = int((line_offsets[first + count] - line_offsets[first]).sum())
+    assert covered == expected  # ... and every token of every train document in one
+
+
+def test_truncation_follows_google_one_token_at_a_time():
+    def google(len_a, len_b, max_num):  # truncate_seq_pair, lengths only
+        while len_a + len_b > max_num:
+            if len_a > len_b:
+                len_a -= 1
+            else:
+                len_b -= 1
+        return len_a, len_b
+
+    for len_a in range(1, 40):
+        for len_b in range(1, 40):
+            assert truncated_lengths(len_a, len_b, 25) == google(len_a, len_b, 25)
+    rng = np.random.default_rng(0)
+    fronts = []
+    for _ in range(2000):
+        a, b = truncate_pair(np.arange(100), np.arange(10), 50, rng)
+        assert len(a) == 40 and len(b) == 10 and (np.diff(a) == 1).all()
+        fronts.append(a[0])
+    assert abs(np.mean(fronts) - 30) < 1.0  # 60 tokens dropped, each from the front with p = 1/2
+
+
+def test_random_replacement_never_uses_special_or_out_of_range_ids():
+    config = MaskingConfig(vocab_size=8, mask_token_prob=0.0, random_token_prob=1.0)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(300):
+        ids = np.full(40, 6)
+        out, labels = mask_tokens(ids, np.arange(40), config, rng)
+        seen |= set(out[labels != IGNORE_INDEX].tolist())
+    assert seen == {5, 6, 7}
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word():
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "대한", "##민국", "##의", "국민", "##은", "청원"]
+    continuation = np.array([p.startswith("##") for p in vocab])
+    config = MaskingConfig(vocab_size=len(vocab), whole_word_mask=True, mlm_probability=0.3)
+    a = np.array([5, 6, 7, 8, 9, 10, 5, 6])  # 대한##민국##의 국민##은 청원 대한##민국
+    b = np.array([8, 9, 10, 10, 5, 6, 7])
+    words = lambda ids: np.cumsum(~continuation[ids])  # noqa: E731 - word number of every piece
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        example = build_example(a, b, 64, config, rng, continuation)
+        original = np.where(
+            example["mlm_labels"] != IGNORE_INDEX, example["mlm_labels"], example["input_ids"]
+        )
+        target = example["mlm_labels"] != IGNORE_INDEX
+        word_of = words(original)
+        for word in set(word_of[target]):
+            members = (word_of == word) & (original >= 5)
+            assert target[members].all()  # all pieces of a chosen word are targets
+        assert target.sum() >= 1
+
+
+def test_plan_rng_is_python_random_with_the_seed_only():
+    # same inputs, same seed -> same plan; the plan never depends on global random state
+    line_offsets = np.arange(0, 400, 4)
+    documents = np.array([[k * 10, 9] for k in range(9)])
+    random.seed(1)
+    first = np.concatenate(list(plan_instances(line_offsets, documents, range(9), 20, 0.1, 5)))
+    random.seed(2)
+    second = np.concatenate(list(plan_instances(line_offsets, documents, range(9), 20, 0.1, 5)))
+    assert (first == second).all()
+
+
+def test_whole_word_masking_on_real_petitions(mirror, tmp_path_factory):
+    dm = month_datamodule(shared_base(tmp_path_factory), whole_word_mask=True)
+    dataset = dm.datasets["train"]
+    continuation = dm._continuation_table()
+    masked = candidates = 0
+    for index in range(300):
+        example = dataset[index]
+        target = example["mlm_labels"] != IGNORE_INDEX
+        original = np.where(target, example["mlm_labels"], example["input_ids"])
+        regular = original >= 5
+        for pos in np.flatnonzero(regular[1:] & continuation[original[1:]]) + 1:
+            if regular[pos - 1]:
+                assert target[pos] == target[pos - 1]  # a ## piece is masked iff the piece before it is
+        masked += int(target.sum())
+        candidates += int(regular.sum())
+    assert 0.12 < masked / candidates <= 0.16  # whole words that would overshoot are skipped, as in Google
