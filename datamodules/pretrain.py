@@ -35,6 +35,7 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from datamodules.corpora import SentenceCorpus, cache_lock, prepare_sentences
 from datamodules.download import cached_sha256, fetch, publish, resolve_path
@@ -770,8 +771,12 @@ class PretrainDataModule(pl.LightningDataModule):
             lengths=dataset.lengths() if self.length_bucketing else None,
             bucket_batches=self.bucket_batches,
         )
-        self._train_sampler.set_epoch(self._epoch)
-        return DataLoader(
+        # On resume Lightning builds the iterator before its own set_epoch call: start from the restored epoch.
+        trainer = getattr(self, "trainer", None)
+        self._train_sampler.set_epoch(trainer.current_epoch if trainer is not None else self._epoch)
+        # Stateful: a checkpoint taken mid-epoch records how many batches were consumed, and a resumed run
+        # skips exactly those (Lightning saves/loads the loader state) instead of replaying the epoch.
+        return StatefulDataLoader(
             dataset, batch_size=self.batch_size, sampler=self._train_sampler, **self._loader_kwargs()
         )
 
