@@ -32,8 +32,16 @@ def train(cfg: DictConfig) -> float | None:
 
     datamodule = hydra.utils.instantiate(cfg.task.data, tokenizer_dir=str(encoder.tokenizer_dir))
     datamodule.prepare_data()
+    model_config = dict(encoder.model_config)
+    if (
+        cfg.task.get("encoder_dropout") is not None
+    ):  # pretraining may have run without dropout (short budgets)
+        model_config.update(
+            hidden_dropout_prob=cfg.task.encoder_dropout,
+            attention_probs_dropout_prob=cfg.task.encoder_dropout,
+        )
     module = NerModule(
-        model_config=encoder.model_config,
+        model_config=model_config,
         labels=LABELS,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),  # plain types: weights_only loads
         tokenizer_dir=str(encoder.tokenizer_dir),
