@@ -16,7 +16,7 @@ from bert.ner_align import (
     encode_for_ner,
     pieces_to_char_tags,
 )
-from bert.tokenizer import tokenizer_from_vocab, train_tokenizer
+from bert.tokenizer import save_tokenizer, tokenizer_from_vocab, train_tokenizer
 from datamodules.klue_ner import (
     LABELS,
     KlueNerDataModule,
@@ -143,9 +143,25 @@ def test_split_is_configurable():
         split_by_index(sentences, test_mod=1, val_mod=1)
 
 
-def test_datamodule_is_a_stub():
-    with pytest.raises(NotImplementedError):
-        KlueNerDataModule()
+def test_datamodule_on_mirror(tmp_path, mirror):
+    tokenizer_dir = tmp_path / "tok"
+    save_tokenizer(tokenizer_from_vocab(["이순신", "##은", "서울", "##에", "갔", "##다"]), tokenizer_dir)
+    file = {"name": "klue/klue-ner-v1.1_dev.tsv", "url": None,
+            "sha256": "0f4d5e818f7b82d299c3a87856fc40a706f5943207580ddb252397e387050a54"}  # fmt: skip
+    dm = KlueNerDataModule(
+        file, mirror=str(mirror), data_dir=str(tmp_path / "data"), tokenizer_dir=str(tokenizer_dir)
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    assert {name: len(ds) for name, ds in dm.datasets.items()} == {"train": 4000, "val": 500, "test": 500}
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["input_ids"].shape[0] == 32 and len(batch["chars"]) == len(batch["char_tags"]) == 32
+    assert all(len(c) == len(t) == n for c, t, n in zip(batch["chars"], batch["char_tags"], batch["n_chars"]))
+
+    missing = KlueNerDataModule({"name": "klue/nope.tsv", "url": None, "sha256": None}, mirror=str(mirror),
+                                data_dir=str(tmp_path / "data"), tokenizer_dir=str(tokenizer_dir))  # fmt: skip
+    with pytest.raises(Exception, match="nope.tsv"):
+        missing.prepare_data()
 
 
 # ---------------------------------------------------------------------------------------------------------
