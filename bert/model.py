@@ -1,8 +1,12 @@
 """BERT encoder and pretraining heads in plain torch.
 
 Parameter names mirror transformers' ``BertForPreTraining`` so a state dict loads there unchanged (see
-``bert/export.py``). Differences are only in speed: attention goes through ``scaled_dot_product_attention``
-and the MLM head can run on the masked positions alone instead of every position.
+``bert/export.py``). Differences are only in speed (measured with ``benchmarks/train_speed.py`` on a 2-core
+AVX2 CPU): the MLM head can run on the masked positions alone instead of every position; no attention mask
+is built when nothing is padded; q, k, v come from one (3C, C) product; with dropout, attention is explicit
+(CPU SDPA falls back to its slow math path there) and dropout masks come from one uniform draw per element,
+half the cost of ``F.dropout``'s bernoulli, whose single-threaded RNG was the largest non-matmul cost of a
+training step. Without dropout (eval) attention goes through ``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -109,6 +113,24 @@ def _init_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """1.0 where dropout keeps an element (probability 1 - p), else 0.0; the 1/(1-p) is the caller's."""
+    return torch.rand_like(x).ge_(p)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    if not training or p == 0.0:
+        return x
+    return (x * _keep_mask(x, p)).mul_(1.0 / (1.0 - p))
+
+
+def _dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """residual + dropout(x), as one addcmul in training."""
+    if not training or p == 0.0:
+        return x + residual
+    return torch.addcmul(residual, x, _keep_mask(x, p), value=1.0 / (1.0 - p))
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -124,7 +146,7 @@ class BertEmbeddings(nn.Module):
         position_ids = torch.arange(T, device=input_ids.device)  # (T,), broadcast over the batch
         x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, C)
         x = x + self.position_embeddings(position_ids)
-        return self.dropout(self.LayerNorm(x))
+        return _dropout(self.LayerNorm(x), self.dropout.p, self.training)
 
 
 class BertSelfAttention(nn.Module):
@@ -137,16 +159,32 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, T, C); attn_mask None (nothing padded) or additive (B, 1, 1, T): 0 = attend, -big = pad."""
         B, T, C = x.size()
-        # (B, T, C) -> (B, nh, T, hs)
-        q = self.query(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = self.key(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = self.value(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        # attn_mask (B, 1, 1, T) bool, True = attend; SDPA scales by 1/sqrt(hs) like BERT
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout_p if self.training else 0.0
-        )
-        return y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        nh, hs = self.n_head, C // self.n_head
+        p = self.dropout_p if self.training else 0.0
+        # one (3C, C) product for q, k, v; BERT's 1/sqrt(hs) is folded into the query weight and dropout's
+        # 1/(1-p) into the value weight: (probs * keep / (1-p)) @ v == (probs * keep) @ (v / (1-p))
+        q_scale, v_scale = hs**-0.5, 1.0 / (1.0 - p)
+        weight = torch.cat([self.query.weight * q_scale, self.key.weight, self.value.weight * v_scale])
+        bias = torch.cat([self.query.bias * q_scale, self.key.bias, self.value.bias * v_scale])
+        qkv = F.linear(x, weight, bias).view(B, T, 3, nh, hs).permute(2, 0, 3, 1, 4)  # (3, B, nh, T, hs)
+        if p == 0.0:
+            # SDPA: its flash kernel on CPU when there is no mask
+            q, k, v = qkv.unbind(0)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=1.0)
+            return y.transpose(1, 2).reshape(B, T, C)  # (B, nh, T, hs) -> (B, T, C)
+        # with dropout CPU SDPA takes its math path (scaling, transposed copies, bernoulli): explicit here,
+        # all heads in one batch of B * nh
+        q, k, v = qkv.reshape(3, B * nh, T, hs).unbind(0)
+        if attn_mask is None:
+            scores = torch.bmm(q, k.transpose(1, 2))  # (B * nh, T, T)
+        else:
+            mask = attn_mask.expand(B, nh, 1, T).reshape(B * nh, 1, T)
+            scores = torch.baddbmm(mask, q, k.transpose(1, 2))  # mask added in the product
+        probs = torch.softmax(scores, dim=-1)
+        y = torch.bmm(probs * _keep_mask(probs, p), v)  # (B * nh, T, hs)
+        return y.view(B, nh, T, hs).transpose(1, 2).reshape(B, T, C)
 
 
 class BertSelfOutput(nn.Module):
@@ -157,7 +195,8 @@ class BertSelfOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(y)) + residual)  # post-LN, as in the original BERT
+        # post-LN, as in the original BERT: LayerNorm(dropout(dense(y)) + residual)
+        return self.LayerNorm(_dropout_add(self.dense(y), residual, self.dropout.p, self.training))
 
 
 class BertAttention(nn.Module):
@@ -187,7 +226,8 @@ class BertOutput(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # (B, T, 4C) -> (B, T, C)
+        # (B, T, 4C) -> (B, T, C): LayerNorm(dropout(dense(h)) + residual)
+        return self.LayerNorm(_dropout_add(self.dense(h), residual, self.dropout.p, self.training))
 
 
 class BertLayer(nn.Module):
@@ -255,9 +295,15 @@ class BertModel(nn.Module):
                 )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
+        # additive mask over keys (pad queries still get an output); none at all when nothing is padded, as in
+        # full-length pretraining batches (the check is a host sync: free on CPU, a graph break when compiled)
         attn_mask = None
-        if attention_mask is not None:
-            attn_mask = attention_mask.bool().view(B, 1, 1, T)  # keys only: pad queries still get an output
+        if attention_mask is not None and not bool(attention_mask.all()):
+            dtype = self.embeddings.word_embeddings.weight.dtype
+            pad = attention_mask.view(B, 1, 1, T) == 0
+            attn_mask = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(
+                pad, torch.finfo(dtype).min
+            )
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
         x = self.encoder(x, attn_mask)
         pooled = self.pooler(x) if self.pooler is not None else None
