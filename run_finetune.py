@@ -13,6 +13,8 @@ import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
+from bert.ner_align import alignment_ceiling  # noqa: E402
+from bert.tokenizer import load_tokenizer  # noqa: E402
 from datamodules.klue_ner import LABELS  # noqa: E402
 from tasks import runner, tracking  # noqa: E402
 from tasks.ner import NerModule, plot_confusion, report  # noqa: E402
@@ -71,6 +73,7 @@ def train(cfg: DictConfig) -> float | None:
     runner.test_on_one_device(cfg, trainer, module, datamodule, logger)
     if trainer.is_global_zero and getattr(module, "last_eval", None):
         write_report(cfg, module, logger)
+        log_alignment_ceiling(datamodule, encoder.tokenizer_dir, logger)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(best) if best is not None else None
 
@@ -89,6 +92,18 @@ def write_report(cfg: DictConfig, module: NerModule, logger) -> None:
         logger.experiment.log_artifact(
             logger.run_id, str(out_dir / f"{last['stage']}_confusion.png"), "plots"
         )
+
+
+def log_alignment_ceiling(datamodule, tokenizer_dir: Path, logger) -> None:
+    """The best entity F1 wordpiece-level tags can reach with this tokenizer (gold tags round-tripped)."""
+    tokenizer = load_tokenizer(Path(tokenizer_dir))
+    ceiling = alignment_ceiling(datamodule.datasets["test"].sentences, tokenizer, datamodule.max_seq_len)
+    metrics = {f"test/alignment_ceiling_{k}": ceiling[f"entity_f1_{k}"] for k in ("micro", "macro")}
+    print(
+        f"alignment ceiling (test): micro {metrics['test/alignment_ceiling_micro']:.4f}, macro {metrics['test/alignment_ceiling_macro']:.4f}"
+    )
+    if logger is not None:
+        logger.log_metrics(metrics)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")
