@@ -153,7 +153,7 @@ def test_ddp_two_processes_one_run(cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
-    args = [*SMALL, "trainer.max_steps=60", "checkpoint_every_n_steps=5", "trainer.val_check_interval=30",
+    args = [*SMALL, "trainer.max_steps=300", "checkpoint_every_n_steps=5", "trainer.val_check_interval=50",
             "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
     proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
     deadline = time.time() + 240
@@ -162,7 +162,7 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
         found = list((tmp_path / "mlruns").rglob("last.ckpt"))
         if found and found[0].stat().st_size > 0:
             last = found[0]
-            time.sleep(3)  # a few more steps beyond the checkpoint, then die without warning
+            time.sleep(0.5)  # a few more steps beyond the checkpoint, then die without warning
             break
         time.sleep(0.5)
     assert last is not None and proc.poll() is None, "run ended before its first checkpoint"
@@ -180,8 +180,9 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
     history = client_for(tmp_path).get_metric_history(run.info.run_id, "train/mlm_loss")
     new_steps = sorted(m.step for m in history if m.timestamp > killed_ms)
-    assert new_steps[0] == ckpt_step > 0, (ckpt_step, new_steps[:3])  # continues where the checkpoint was
-    assert new_steps == list(range(ckpt_step, 60))
+    assert 0 < ckpt_step < 300, "killed after the run had finished: the machine is too fast for this test"
+    assert new_steps[0] == ckpt_step, (ckpt_step, new_steps[:3])  # continues where the checkpoint was
+    assert new_steps == list(range(ckpt_step, 300))
 
 
 def _free_port() -> int:
