@@ -140,7 +140,17 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
         save_last=True,
         enable_version_counter=False,
     )
-    return [best, last, RichProgressBar(leave=True)]
+    return [best, last, ProgressBar(leave=True)]
+
+
+class ProgressBar(RichProgressBar):
+    """Step-budgeted runs have max_epochs=-1, which Lightning prints as 'Epoch 0/-2'."""
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if self.trainer.max_epochs is not None and self.trainer.max_epochs >= 0:
+            return super()._get_train_description(current_epoch)
+        description = f"Epoch {current_epoch}"
+        return f"{description:{len(self.validation_description)}}"
 
 
 class RunRecordCallback(pl.Callback):
