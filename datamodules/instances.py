@@ -54,7 +54,7 @@ def plan_instances(
     doc_ids: Sequence[int],
     max_seq_len: int,
     short_seq_prob: float,
-    seed: int,
+    seed: int | str,
     random_next_prob: float = 0.5,
     balance_nsp: bool = True,
     stats: dict | None = None,

@@ -159,19 +159,28 @@ def build_plan(
     seed: int,
     cache_dir: Path,
     balance_nsp: bool = True,
+    dupe_factor: int = 1,
 ) -> tuple[Path, dict]:
-    """Write (or reuse) the instance plan of one split: raw int64 rows of `PLAN_COLUMNS`."""
-    key = _digest(
-        {
-            "v": PLAN_VERSION,
-            "tokens": Path(tokens_dir).name,
-            "docs": hashlib.sha256(np.ascontiguousarray(doc_ids, dtype=np.int64).tobytes()).hexdigest(),
-            "max_seq_len": max_seq_len,
-            "short_seq_prob": short_seq_prob,
-            "seed": seed,
-            "balance_nsp": balance_nsp,
-        }
-    )
+    """Write (or reuse) the instance plan of one split: raw int64 rows of `PLAN_COLUMNS`.
+
+    `dupe_factor` (Google's flag, default 10 there) concatenates that many plans drawn with different seeds:
+    each copy cuts the documents into other A/B pairs and draws other NotNext partners. With one plan, every
+    epoch shows the same pairs again and NSP can memorise them on a small corpus instead of learning coherence.
+    """
+    if dupe_factor < 1:
+        raise ValueError(f"dupe_factor must be >= 1, got {dupe_factor}")
+    spec = {
+        "v": PLAN_VERSION,
+        "tokens": Path(tokens_dir).name,
+        "docs": hashlib.sha256(np.ascontiguousarray(doc_ids, dtype=np.int64).tobytes()).hexdigest(),
+        "max_seq_len": max_seq_len,
+        "short_seq_prob": short_seq_prob,
+        "seed": seed,
+        "balance_nsp": balance_nsp,
+    }
+    if dupe_factor != 1:  # plans cached before the flag existed keep their key
+        spec["dupe_factor"] = dupe_factor
+    key = _digest(spec)
     path = Path(cache_dir) / "plans" / f"{key}.bin"
     meta_path = path.with_suffix(".json")
     if meta_path.is_file():
@@ -185,24 +194,30 @@ def build_plan(
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         n_rows = 0
         try:
+            copy_instances = []
             with os.fdopen(fd, "wb") as out:
-                for chunk in plan_instances(
-                    line_offsets,
-                    documents,
-                    doc_ids,
-                    max_seq_len,
-                    short_seq_prob,
-                    seed,
-                    balance_nsp=balance_nsp,
-                    stats=stats,
-                ):
-                    out.write(chunk.tobytes())
-                    n_rows += len(chunk)
+                for copy in range(dupe_factor):
+                    copy_stats: dict = {}
+                    for chunk in plan_instances(
+                        line_offsets,
+                        documents,
+                        doc_ids,
+                        max_seq_len,
+                        short_seq_prob,
+                        seed if copy == 0 else f"{seed}/dupe{copy}",
+                        balance_nsp=balance_nsp,
+                        stats=copy_stats,
+                    ):
+                        out.write(chunk.tobytes())
+                        n_rows += len(chunk)
+                    for name, value in copy_stats.items():  # document counts are per copy, label counts add up
+                        stats[name] = value if name.endswith("documents") else stats.get(name, 0) + value
+                    copy_instances.append(n_rows - sum(copy_instances))
             publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        meta = {"n_instances": n_rows, "columns": list(PLAN_COLUMNS), **stats}
+        meta = {"n_instances": n_rows, "copy_instances": copy_instances, "columns": list(PLAN_COLUMNS), **stats}
         meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
         meta_tmp.write_text(json.dumps(meta))
         publish(meta_tmp, meta_path)
@@ -422,6 +437,7 @@ class PretrainDataModule(pl.LightningDataModule):
         max_seq_len: int = 128,
         short_seq_prob: float = 0.1,
         balance_nsp: bool = True,
+        dupe_factor: int = 1,
         mlm_probability: float = 0.15,
         mask_token_prob: float = 0.8,
         random_token_prob: float = 0.1,
@@ -465,6 +481,7 @@ class PretrainDataModule(pl.LightningDataModule):
         self.max_seq_len = max_seq_len
         self.short_seq_prob = short_seq_prob
         self.balance_nsp = balance_nsp
+        self.dupe_factor = dupe_factor
         self.masking_args = dict(
             mlm_probability=mlm_probability,
             mask_token_prob=mask_token_prob,
@@ -547,6 +564,7 @@ class PretrainDataModule(pl.LightningDataModule):
                     self._split_seed(split),
                     self.cache_dir,
                     self.balance_nsp,
+                    self.dupe_factor if split == "train" else 1,  # val stays one fixed set of pairs
                 )
             except NotEnoughDocumentsError as err:
                 names = [s["name"] for s in self.files if s["split"] == self._source_split(split)]

@@ -195,6 +195,43 @@ def test_every_sentence_of_the_split_is_in_exactly_one_instance(datamodule, trai
     assert covered == expected  # ... and every token of every train document in one
 
 
+def test_dupe_factor_cuts_other_pairs_and_covers_the_corpus_once_per_copy(datamodule):
+    """Google's dupe_factor: copy 0 is the plain plan, the other copies pair the same sentences differently,
+    each copy alone covers every train token exactly once, and the labels stay 50/50."""
+    prepared = datamodule._prepare()
+    args = (
+        prepared["tokens"]["train"],
+        prepared["corpora"]["train"],
+        prepared["doc_ids"]["train"],
+        MAX_SEQ_LEN,
+        0.1,
+    )
+    one, meta_one = build_plan(*args, seed=7, cache_dir=datamodule.cache_dir / "plans-dupe")
+    three, meta_three = build_plan(*args, seed=7, cache_dir=datamodule.cache_dir / "plans-dupe", dupe_factor=3)
+    rows = lambda path: np.fromfile(path, dtype=np.int64).reshape(-1, 6)  # noqa: E731
+    single, tripled = rows(one), rows(three)
+    assert meta_three["n_instances"] == len(tripled) and meta_three["documents"] == meta_one["documents"]
+    assert meta_three["chosen_pairs"] > 2 * meta_one["chosen_pairs"]  # counts add up over the copies
+    assert np.array_equal(tripled[: len(single)], single)
+    _, line_offsets, _ = load_tokens(prepared["tokens"]["train"])
+    documents = np.load(prepared["corpora"]["train"] / "documents.npy")
+    docs = prepared["doc_ids"]["train"]
+    expected = int((line_offsets[documents[docs, 0] + documents[docs, 1]] - line_offsets[documents[docs, 0]]).sum())
+    pair_sets = []
+    assert len(meta_three["copy_instances"]) == 3 and meta_three["copy_instances"][0] == len(single)
+    for copy in np.split(tripled, np.cumsum(meta_three["copy_instances"])[:-1]):
+        labels = nsp_labels(copy)
+        spans = np.concatenate([copy[:, [0, 1]], copy[labels == 0][:, [2, 3]]])
+        spans = spans[np.argsort(spans[:, 0])]
+        assert (spans[1:, 0] >= spans[:-1, 1]).all()
+        assert int((spans[:, 1] - spans[:, 0]).sum()) == expected
+        assert abs(labels.mean() - 0.5) < 0.05
+        pair_sets.append({tuple(r) for r in copy[:, :4].tolist()})
+    assert len(pair_sets[0] & pair_sets[1]) < 0.5 * len(pair_sets[0])  # other A/B cuts and NotNext partners
+    with pytest.raises(ValueError, match="dupe_factor"):
+        build_plan(*args, seed=7, cache_dir=datamodule.cache_dir / "plans-dupe", dupe_factor=0)
+
+
 def test_truncation_follows_google_one_token_at_a_time():
     def google(len_a, len_b, max_num):  # truncate_seq_pair, lengths only
         while len_a + len_b > max_num:
