@@ -25,7 +25,9 @@ class RunCurves:
     curves: dict[str, list[tuple[int, float, float]]] = field(default_factory=dict)
 
 
-def load_runs(refs: Iterable[str], metrics: Sequence[str], tracking_uri: str) -> list[RunCurves]:
+def load_runs(
+    refs: Iterable[str], metrics: Sequence[str], tracking_uri: str, until_minutes: float | None = None
+) -> list[RunCurves]:
     """Each ref is a run id or a run-name prefix (every run of that prefix, oldest first)."""
     client = _client(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -45,6 +47,8 @@ def load_runs(refs: Iterable[str], metrics: Sequence[str], tracking_uri: str) ->
         for key in metrics:
             history = client.get_metric_history(run.info.run_id, key)
             points = sorted((m.step, (m.timestamp - run.info.start_time) / 60_000, m.value) for m in history)
+            if until_minutes is not None:  # compare recipes at equal wall time
+                points = [p for p in points if p[1] <= until_minutes]
             if points:
                 curves.curves[key] = points
         out.append(curves)
@@ -113,12 +117,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("runs", nargs="+", help="run ids or run-name prefixes")
     parser.add_argument("--metrics", nargs="+", default=["val/mlm_loss", "val/nsp_acc"])
     parser.add_argument("--target", nargs=2, metavar=("METRIC", "VALUE"), default=["val/nsp_acc", "0.75"])
+    parser.add_argument("--until", type=float, metavar="MINUTES", help="cut every run at this wall time")
     parser.add_argument("--out", type=Path, help="PNG of the metrics against minutes")
     parser.add_argument("--tracking-uri", default=default_tracking_uri())
     args = parser.parse_args(argv)
     target_metric, target = args.target[0], float(args.target[1])
     metrics = list(dict.fromkeys([*args.metrics, target_metric]))
-    runs = load_runs(args.runs, metrics, args.tracking_uri)
+    runs = load_runs(args.runs, metrics, args.tracking_uri, args.until)
     print(table(runs, args.metrics, target_metric, target))
     if args.out is not None:
         print(f"plot: {plot(runs, args.metrics, args.out, (target_metric, target))}")

@@ -38,6 +38,8 @@ def test_crossing_in_steps_and_minutes(tmp_path, capsys):
 
     main([ids["fast-a"], "--tracking-uri", uri, "--out", str(tmp_path / "cmp.png")])
     assert "step 1500, 6.0 min" in capsys.readouterr().out
+    main([ids["fast-a"], "--tracking-uri", uri, "--until", "5"])  # equal wall time: cut at 5 minutes
+    assert "| fast-a | 1000 | 4.0 | 6.300 | 0.700 | not reached |" in capsys.readouterr().out
     assert (tmp_path / "cmp.png").stat().st_size > 0
 
 
