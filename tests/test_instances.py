@@ -152,6 +152,32 @@ def test_lengths_never_exceed_max_seq_len_and_match_the_plan(train):
     assert 0.05 < short < 0.5  # short_seq_prob=0.1 plus document ends
 
 
+def _plan_args(datamodule) -> tuple:
+    """Positional arguments of `build_plan` for the train split (tokens, corpus, documents, seq len, short prob)."""
+    prepared = datamodule._prepare()
+    return (
+        prepared["tokens"]["train"],
+        prepared["corpora"]["train"],
+        prepared["doc_ids"]["train"],
+        MAX_SEQ_LEN,
+        0.1,
+    )
+
+
+def _assert_covers_split_once(plan: np.ndarray, datamodule) -> None:
+    """Every token of every train document lies in exactly one own-document span (A, or B of an IsNext)."""
+    prepared = datamodule._prepare()
+    _, line_offsets, _ = load_tokens(prepared["tokens"]["train"])
+    documents = np.load(prepared["corpora"]["train"] / "documents.npy")
+    spans = np.concatenate([plan[:, [0, 1]], plan[nsp_labels(plan) == 0][:, [2, 3]]])
+    spans = spans[np.argsort(spans[:, 0])]
+    assert (spans[1:, 0] >= spans[:-1, 1]).all()  # no token of the corpus in two own-document spans
+    docs = prepared["doc_ids"]["train"]
+    first, count = documents[docs, 0], documents[docs, 1]
+    expected = int((line_offsets[first + count] - line_offsets[first]).sum())
+    assert int((spans[:, 1] - spans[:, 0]).sum()) == expected  # ... and every token of every document in one
+
+
 def test_same_seed_same_examples_other_epoch_other_masks(datamodule, train):
     same = PretrainingDataset(
         train.tokens_dir, train.plan_path, len(train), MAX_SEQ_LEN, train.masking, train.seed, "train"
@@ -162,14 +188,7 @@ def test_same_seed_same_examples_other_epoch_other_masks(datamodule, train):
     changed = [(train[(1, i)]["mlm_labels"] != train[(0, i)]["mlm_labels"]).any() for i in range(200)]
     assert np.mean(changed) > 0.95
     # the plan itself is a pure function of the seed
-    prepared = datamodule._prepare()
-    args = (
-        prepared["tokens"]["train"],
-        prepared["corpora"]["train"],
-        prepared["doc_ids"]["train"],
-        MAX_SEQ_LEN,
-        0.1,
-    )
+    args = _plan_args(datamodule)
     path_a, _ = build_plan(*args, seed=99, cache_dir=datamodule.cache_dir / "plans-test-a")
     path_b, _ = build_plan(*args, seed=99, cache_dir=datamodule.cache_dir / "plans-test-b")
     path_c, _ = build_plan(*args, seed=100, cache_dir=datamodule.cache_dir / "plans-test-b")
@@ -180,32 +199,13 @@ def test_every_sentence_of_the_split_is_in_exactly_one_instance(datamodule, trai
     """Google's guarantee: with unused continuation sentences put back after a NotNext, every sentence (with at
     least one token) of every document of the split lies in exactly one instance's own-document span (A, or B
     of an IsNext) per epoch. Truncation may still cut tokens off the ends of a long pair (as in Google)."""
-    prepared = datamodule._prepare()
-    _, line_offsets, _ = load_tokens(prepared["tokens"]["train"])
-    documents = np.load(prepared["corpora"]["train"] / "documents.npy")
-    plan = np.asarray(train.plan)
-    own = [plan[:, [0, 1]], plan[nsp_labels(plan) == 0][:, [2, 3]]]
-    spans = np.concatenate(own)
-    spans = spans[np.argsort(spans[:, 0])]
-    assert (spans[1:, 0] >= spans[:-1, 1]).all()  # no token of the corpus in two own-document spans
-    covered = int((spans[:, 1] - spans[:, 0]).sum())
-    docs = prepared["doc_ids"]["train"]
-    first, count = documents[docs, 0], documents[docs, 1]
-    expected = int((line_offsets[first + count] - line_offsets[first]).sum())
-    assert covered == expected  # ... and every token of every train document in one
+    _assert_covers_split_once(np.asarray(train.plan), datamodule)
 
 
 def test_dupe_factor_cuts_other_pairs_and_covers_the_corpus_once_per_copy(datamodule):
     """Google's dupe_factor: copy 0 is the plain plan, the other copies pair the same sentences differently,
     each copy alone covers every train token exactly once, and the labels stay 50/50."""
-    prepared = datamodule._prepare()
-    args = (
-        prepared["tokens"]["train"],
-        prepared["corpora"]["train"],
-        prepared["doc_ids"]["train"],
-        MAX_SEQ_LEN,
-        0.1,
-    )
+    args = _plan_args(datamodule)
     one, meta_one = build_plan(*args, seed=7, cache_dir=datamodule.cache_dir / "plans-dupe")
     three, meta_three = build_plan(*args, seed=7, cache_dir=datamodule.cache_dir / "plans-dupe", dupe_factor=3)
     rows = lambda path: np.fromfile(path, dtype=np.int64).reshape(-1, 6)  # noqa: E731
@@ -213,19 +213,11 @@ def test_dupe_factor_cuts_other_pairs_and_covers_the_corpus_once_per_copy(datamo
     assert meta_three["n_instances"] == len(tripled) and meta_three["documents"] == meta_one["documents"]
     assert meta_three["chosen_pairs"] > 2 * meta_one["chosen_pairs"]  # counts add up over the copies
     assert np.array_equal(tripled[: len(single)], single)
-    _, line_offsets, _ = load_tokens(prepared["tokens"]["train"])
-    documents = np.load(prepared["corpora"]["train"] / "documents.npy")
-    docs = prepared["doc_ids"]["train"]
-    expected = int((line_offsets[documents[docs, 0] + documents[docs, 1]] - line_offsets[documents[docs, 0]]).sum())
     pair_sets = []
     assert len(meta_three["copy_instances"]) == 3 and meta_three["copy_instances"][0] == len(single)
     for copy in np.split(tripled, np.cumsum(meta_three["copy_instances"])[:-1]):
-        labels = nsp_labels(copy)
-        spans = np.concatenate([copy[:, [0, 1]], copy[labels == 0][:, [2, 3]]])
-        spans = spans[np.argsort(spans[:, 0])]
-        assert (spans[1:, 0] >= spans[:-1, 1]).all()
-        assert int((spans[:, 1] - spans[:, 0]).sum()) == expected
-        assert abs(labels.mean() - 0.5) < 0.05
+        _assert_covers_split_once(copy, datamodule)
+        assert abs(nsp_labels(copy).mean() - 0.5) < 0.05
         pair_sets.append({tuple(r) for r in copy[:, :4].tolist()})
     assert len(pair_sets[0] & pair_sets[1]) < 0.5 * len(pair_sets[0])  # other A/B cuts and NotNext partners
     with pytest.raises(ValueError, match="dupe_factor"):
