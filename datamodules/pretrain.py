@@ -198,6 +198,7 @@ def build_plan(
             with os.fdopen(fd, "wb") as out:
                 for copy in range(dupe_factor):
                     copy_stats: dict = {}
+                    first_row = n_rows
                     for chunk in plan_instances(
                         line_offsets,
                         documents,
@@ -212,7 +213,7 @@ def build_plan(
                         n_rows += len(chunk)
                     for name, value in copy_stats.items():  # document counts are per copy, label counts add up
                         stats[name] = value if name.endswith("documents") else stats.get(name, 0) + value
-                    copy_instances.append(n_rows - sum(copy_instances))
+                    copy_instances.append(n_rows - first_row)
             publish(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
