@@ -94,7 +94,9 @@ def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLo
     else:
         artifact_location = None
     if str(cfg.logger.tracking_uri).startswith("sqlite:"):
-        tracking.ensure_store(cfg.logger.tracking_uri, cfg.logger.get("artifact_location"))
+        tracking.ensure_store(
+            cfg.logger.tracking_uri, cfg.logger.get("artifact_location"), [cfg.logger.experiment_name]
+        )
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or run_name,
