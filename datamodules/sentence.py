@@ -65,24 +65,28 @@ def split_by_index(
 
 
 def truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None, int]:
-    """Cut the longer segment one piece at a time until both fit in `budget` pieces (BERT's
-    `_truncate_seq_pair`, transformers' `longest_first`). Returns (a, b, pieces cut)."""
-    a, b = list(a), None if b is None else list(b)
-    cut = 0
-    while len(a) + (len(b) if b is not None else 0) > budget:
-        if b is not None and len(b) > len(a):
-            b.pop()
-        else:
-            a.pop()
-        cut += 1
-    return a, b, cut
+    """Cut the tails so that both segments fit in `budget` pieces, longest first: the shorter segment keeps
+    up to half the budget, the longer one the rest (transformers' `truncation="longest_first"`, tested
+    against it; when the two are equally long, the second one counts as the longer). Returns (a, b, pieces
+    cut)."""
+    if b is None:
+        return list(a[:budget]), None, max(0, len(a) - budget)
+    if len(a) + len(b) <= budget:
+        return list(a), list(b), 0
+    if len(a) > len(b):
+        keep_b = min(len(b), budget // 2)
+        keep_a = budget - keep_b
+    else:
+        keep_a = min(len(a), budget // 2)
+        keep_b = budget - keep_a
+    return list(a[:keep_a]), list(b[:keep_b]), len(a) + len(b) - budget
 
 
 class SentenceEncoder:
     """Text (pair) -> `[CLS] a [SEP] (b [SEP])` ids with segment ids, truncated to `max_seq_len`. The same code
     encodes training data and raw text at prediction time.
 
-    A text far longer than the budget (a petition: ~1,400 characters on average) is cut at a space before it is
+    A single text far longer than the budget (a petition: ~1,400 characters on average) is cut at a space before it is
     tokenized, so that the tokenizer does not process pages it would throw away; cut at a space, its pieces are
     a prefix of the whole text's pieces, and when they do not fill the budget the whole text is encoded again,
     so the result is the same as tokenizing everything."""
@@ -97,9 +101,9 @@ class SentenceEncoder:
         if self.cls_id is None or self.sep_id is None:
             raise ValueError("the tokenizer has no [CLS] or [SEP] token")
 
-    def _pieces(self, texts: Sequence[str]) -> list[list[int]]:
+    def _pieces(self, texts: Sequence[str], precut: bool = True) -> list[list[int]]:
         """Piece ids of each text (no special tokens), at least `max_seq_len` of them when the text has that many."""
-        limit = self.CHARS_PER_PIECE_CAP * self.max_seq_len
+        limit = self.CHARS_PER_PIECE_CAP * self.max_seq_len if precut else float("inf")
         cut = []
         for text in texts:
             if len(text) > limit:
@@ -115,8 +119,9 @@ class SentenceEncoder:
 
     def encode(self, pairs: Sequence[tuple[str, str | None]], stats: EncodeStats | None = None,
                names: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:  # fmt: skip
-        firsts = self._pieces([a for a, _ in pairs])
-        seconds = iter(self._pieces([b for _, b in pairs if b is not None]))
+        # pairs are tokenized whole: which side is longer decides the truncation, so both need true lengths
+        firsts = self._pieces([a for a, _ in pairs], precut=all(b is None for _, b in pairs))
+        seconds = iter(self._pieces([b for _, b in pairs if b is not None], precut=False))
         items = []
         for i, ((_, b), ids_a) in enumerate(zip(pairs, firsts)):
             ids_b = next(seconds) if b is not None else None
