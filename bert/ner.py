@@ -21,20 +21,31 @@ class Entity:
 
 @torch.no_grad()
 def tag_texts(
-    model: BertCrfTagger, tokenizer, texts: list[str], labels: list[str], max_seq_len: int = 128
+    model: BertCrfTagger,
+    tokenizer,
+    texts: list[str],
+    labels: list[str],
+    max_seq_len: int = 128,
+    batch_size: int = 32,
 ) -> list[list[Entity]]:
-    """Entities with character spans for raw sentences (wordpiece tags mapped back to characters)."""
+    """Entities with character spans for raw sentences (wordpiece tags mapped back to characters), batched."""
     from bert.metrics import extract_entities
     from bert.ner_align import encode_for_ner, pieces_to_char_tags
 
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for text in texts:
-        enc = encode_for_ner(list(text), None, tokenizer, max_seq_len)
-        ids = torch.tensor([enc.input_ids], device=device)
-        path = model.decode(ids, torch.ones_like(ids))[0]
-        char_tags = pieces_to_char_tags(enc.offsets, [labels[t] for t in path], len(text))
-        spans = sorted(extract_entities(char_tags), key=lambda span: span[1])
-        out.append([Entity(text[s:e].strip(), kind, s, e) for kind, s, e in spans])
+    for start in range(0, len(texts), batch_size):
+        chunk = texts[start : start + batch_size]
+        encodings = [encode_for_ner(list(text), None, tokenizer, max_seq_len) for text in chunk]
+        longest = max(len(enc.input_ids) for enc in encodings)
+        ids = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
+            mask[row, : len(enc.input_ids)] = 1
+        for text, enc, path in zip(chunk, encodings, model.decode(ids, mask)):
+            char_tags = pieces_to_char_tags(enc.offsets, [labels[t] for t in path], len(text))
+            spans = sorted(extract_entities(char_tags), key=lambda span: span[1])
+            out.append([Entity(text[s:e].strip(), kind, s, e) for kind, s, e in spans])
     return out

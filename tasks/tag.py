@@ -1,4 +1,6 @@
-"""Tag raw Korean text with a fine-tuned NER model: `python -m tasks.tag <ner-ckpt|run-id> "문장" ...`."""
+"""Tag raw Korean text with a fine-tuned NER model: `python -m tasks.tag <ner-ckpt|run-id> "문장" ...`.
+
+Human-readable; `python -m tasks.predict ner` gives the same entities as JSON lines."""
 
 from __future__ import annotations
 
@@ -8,28 +10,19 @@ import sys
 import torch
 
 from bert.ner import tag_texts
-from bert.tokenizer import load_tokenizer
-from tasks.ner import NerModule
-from tasks.runner import tokenizer_dir_of
-from tasks.tracking import resolve_checkpoint
-
-
-def load_tagger(ref: str) -> tuple[NerModule, object]:
-    path = resolve_checkpoint(ref)
-    module = NerModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
-    tokenizer = load_tokenizer(tokenizer_dir_of(path, module.hparams))
-    return module, tokenizer
+from tasks.predict import load
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("model", help="fine-tuned NER checkpoint (.ckpt) or its MLflow run id")
     parser.add_argument("text", nargs="*", help="sentences (default: one per line on stdin)")
     args = parser.parse_args(argv)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    module, tokenizer = load_tagger(args.model)
+    loaded = load(args.model, "ner")
     torch.set_grad_enabled(False)
-    for text, entities in zip(texts, tag_texts(module.model, tokenizer, texts, module.labels)):
+    max_seq_len = int(loaded.hparams.get("max_seq_len", 128))
+    for text, entities in zip(texts, tag_texts(loaded.model, loaded.tokenizer, texts, list(loaded.hparams["labels"]), max_seq_len)):
         print(text)
         for ent in entities:
             print(f"  [{ent.start:>3},{ent.end:>3})  {ent.type}  {ent.text}")
