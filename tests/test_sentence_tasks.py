@@ -87,3 +87,25 @@ def test_topic_reads_the_pretraining_petitions():
     topic = yaml.safe_load((ROOT / "conf/task/topic.yaml").read_text(encoding="utf-8"))["data"]["files"]
     corpus = yaml.safe_load((ROOT / "conf/data/petition.yaml").read_text(encoding="utf-8"))["files"]
     assert topic == [{k: f[k] for k in ("name", "url", "sha256")} for f in corpus]
+
+
+@pytest.mark.slow
+def test_sweep_and_table(tiny, tmp_path, capsys):
+    """The README's pretrained-vs-scratch sweep as a user runs it (Hydra multirun), then tasks.table on it."""
+    from tasks import table
+    from tests.test_run_pretrain import check, run_cli
+
+    _, ckpt = tiny
+    proc = run_cli(
+        "run_finetune.py",
+        ["-m", "task=sts", "debug=fdr", f"pretrained={ckpt},null", f"scratch_like={ckpt}", "optim.lr=1e-3,3e-4",
+         "seed=1,2"],
+        tmp_path, tmp_path / "cache", timeout=900,
+    )  # fmt: skip
+    check(proc)
+    _, found = runs(tmp_path, "finetune-sts")
+    assert len(found) == 8 and all(r.info.status == "FINISHED" for r in found)
+    table.main(["finetune-sts", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns/mlflow.db"])
+    out = capsys.readouterr().out
+    assert out.count("| pretrained (pretrain)") == 1 and out.count("| scratch (pretrain)") == 1
+    assert "test/pearson" in out and "| 2 |" in out
