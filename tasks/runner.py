@@ -95,10 +95,14 @@ def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLo
         artifact_location = None
     if str(cfg.logger.tracking_uri).startswith("sqlite:"):
         tracking.ensure_store(cfg.logger.tracking_uri, cfg.logger.get("artifact_location"))
+    tags = {str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}
+    if cfg.logger.get("parent_run_id"):  # nested under a study's parent run (tasks/study.py)
+        tags["mlflow.parentRunId"] = str(cfg.logger.parent_run_id)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or run_name,
         tracking_uri=cfg.logger.tracking_uri,
+        tags=tags or None,  # set when the run is created (not on resume)
         artifact_location=artifact_location,
         run_id=run_id,
         log_model=False,  # checkpoints already live in the run's artifact folder; no second copy
