@@ -217,18 +217,6 @@ class FinetuneModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["mlflow_run_id"] = self.mlflow_run_id  # resuming from a bare path continues the same run
 
-    @torch.no_grad()
-    def predict_scores(self, batch: Mapping[str, torch.Tensor]) -> list[dict[str, Any]]:
-        """One JSON-ready record per input: label + probabilities, or the similarity score."""
-        logits = self(batch).float()
-        if self.is_regression:
-            return [{"score": float(s)} for s in logits.squeeze(-1)]
-        probs = logits.softmax(-1)
-        return [
-            {"label": self.labels[int(row.argmax())], "probs": {lab: round(float(p), 6) for lab, p in zip(self.labels, row)}}
-            for row in probs
-        ]
-
     def write_report(self, out_dir: Path, datamodule: Any = None) -> tuple[list[tuple[Path, str | None]], dict[str, float]]:
         """The last evaluation (test) as files: per-class table + confusion matrix, or predicted-vs-gold scatter."""
         from tasks.plots import plot_confusion, plot_scatter

@@ -109,3 +109,41 @@ def test_sweep_and_table(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("| pretrained (pretrain)") == 1 and out.count("| scratch (pretrain)") == 1
     assert "test/pearson" in out and "| 2 |" in out
+
+
+@pytest.mark.slow
+def test_ddp_validation_equals_one_device(tiny, tmp_path):
+    """Two DDP processes (gloo): STS predictions are gathered from both ranks, the sample DistributedSampler
+    repeats to even out an odd validation set (87 pairs with split modulus 6) is counted once, and the logged
+    val/pearson equals the one computed on one device from the checkpoint saved right after that validation."""
+    from bert.metrics import sts_scores
+    from datamodules.klue_sts import KlueStsDataModule
+    from tasks.predict import load
+    from tests.test_run_pretrain import check, run_cli
+
+    tokenizer_dir, ckpt = tiny
+    split = ["task.data.split.modulus=6", "trainer.limit_val_batches=1.0"]
+    proc = run_cli(
+        "run_finetune.py",
+        ["task=sts", "debug=fdr", f"pretrained={ckpt}", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", *split],
+        tmp_path, tmp_path / "cache", timeout=600,
+    )  # fmt: skip
+    check(proc)
+    client, (run,) = runs(tmp_path, "finetune-sts")
+    assert run.info.status == "FINISHED"
+    dm = KlueStsDataModule(files=[{"name": "klue/klue-sts-v1.1_dev.json"}], split={"modulus": 6, "test_mod": 0, "val_mod": 1},
+                           tokenizer_dir=str(tokenizer_dir), eval_batch_size=16)  # fmt: skip
+    dm.setup()
+    assert len(dm.datasets["val"]) % 2 == 1
+    loaded = load(run.data.tags["best_ckpt"], "sts")
+    preds, golds, binary = [], [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            preds.append(loaded.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])[:, 0])
+            golds.append(batch["labels"])
+            binary.append(batch["binary_labels"])
+    expected = sts_scores(torch.cat(preds), torch.cat(golds), torch.cat(binary))
+    (val,) = client.get_metric_history(run.info.run_id, "val/pearson")
+    assert val.value == pytest.approx(expected["pearson"], abs=1e-4)
+    (spearman,) = client.get_metric_history(run.info.run_id, "val/spearman")
+    assert spearman.value == pytest.approx(expected["spearman"], abs=1e-4)
