@@ -357,6 +357,11 @@ def test_on_one_device(
     if trainer.world_size == 1:
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
         return
+    # A new Trainer on rank 0 opens a process group in prepare_data (Lightning's _InfiniteBarrier) that the
+    # other ranks never join: it hung forever. Every rank leaves the DDP process group first.
+    trainer.strategy.barrier("test_on_one_device")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return
     single = pl.Trainer(accelerator=trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
