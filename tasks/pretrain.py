@@ -28,14 +28,18 @@ class PretrainModule(pl.LightningModule):
         super().__init__()
         # model_config and tokenizer_dir travel inside every checkpoint: export and fine-tuning rebuild from them.
         self.save_hyperparameters(
-            {"model_config": dict(model_config), "optim": dict(optim), "tokenizer_dir": tokenizer_dir},
+            {
+                "task": "pretrain",  # what the checkpoint is (tasks.checkpoints)
+                "model_config": dict(model_config),
+                "optim": dict(optim),
+                "tokenizer_dir": tokenizer_dir,
+            },
             logger=False,  # RunRecordCallback logs them, under module.*
         )
         self.model = BertForPreTraining(BertConfig(**dict(model_config)))
         self._compile = compile
         self.val_mlm_loss = MeanMetric()  # weighted by masked tokens, so perplexity is per token
         self._step_start: float | None = None
-        self.mlflow_run_id: str | None = None
 
     def configure_model(self) -> None:
         if self._compile:
@@ -100,7 +104,3 @@ class PretrainModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Resuming from a bare path continues the same MLflow run.
-        checkpoint["mlflow_run_id"] = self.mlflow_run_id
