@@ -40,6 +40,8 @@ class PretrainModule(pl.LightningModule):
         self._compile = compile
         self.val_mlm_loss = MeanMetric()  # weighted by masked tokens, so perplexity is per token
         self._step_start: float | None = None
+        self._batch_tokens = 0
+        self.tokens_seen = 0  # non-pad tokens trained on, all ranks; saved in checkpoints (budgets, resume)
 
     def configure_model(self) -> None:
         if self._compile:
@@ -71,6 +73,9 @@ class PretrainModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
+        # counted here, before callbacks' on_train_batch_end, so a budget saved after this batch includes it
+        self._batch_tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.tokens_seen += self._batch_tokens
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model_step(batch)
@@ -84,8 +89,7 @@ class PretrainModule(pl.LightningModule):
         if self._step_start is None:
             return
         seconds = time.perf_counter() - self._step_start  # forward + backward + optimizer step
-        tokens = batch["attention_mask"].sum().item() * self.trainer.world_size
-        self.log("train/tokens_per_s", tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
+        self.log("train/tokens_per_s", self._batch_tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model_step(batch)
@@ -104,3 +108,10 @@ class PretrainModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # (the MLflow run id is stamped by tasks.runner.RunIdStamp, for every module)
+        checkpoint["tokens_seen"] = int(self.tokens_seen)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

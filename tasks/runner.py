@@ -111,10 +111,14 @@ def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLo
         artifact_location = None
     if str(cfg.logger.tracking_uri).startswith("sqlite:"):
         tracking.ensure_store(cfg.logger.tracking_uri, cfg.logger.get("artifact_location"))
+    tags = {str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}
+    if cfg.logger.get("parent_run_id"):  # nested under a study's parent run (tasks/study.py)
+        tags["mlflow.parentRunId"] = str(cfg.logger.parent_run_id)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or run_name,
         tracking_uri=cfg.logger.tracking_uri,
+        tags=tags or None,  # set when the run is created (not on resume)
         artifact_location=artifact_location,
         run_id=run_id,
         log_model=False,  # checkpoints already live in the run's artifact folder; no second copy
@@ -156,7 +160,11 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
         save_last=True,
         enable_version_counter=False,
     )
-    return [best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ProgressBar(leave=True)]
+    callbacks: list[pl.Callback] = [best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ProgressBar(leave=True)]
+    budgets = budget_callback(cfg, ckpt_dir)
+    if budgets is not None:
+        callbacks.append(budgets)
+    return callbacks
 
 
 lightning_load = checkpoints.lightning_load  # kwargs for Trainer.fit/test(ckpt_path=...): weights_only=True
@@ -272,6 +280,18 @@ class FinalCheckpoint(Checkpoint):
         self.reason = reason
         if trainer.is_global_zero and isinstance(trainer.logger, MLFlowLogger):
             tracking.set_tags(trainer.logger, {"stop_reason": reason, "final_step": trainer.global_step})
+
+
+def budget_callback(cfg: DictConfig, ckpt_dir: Path) -> pl.Callback | None:
+    """Kept pretraining checkpoints (`keep_checkpoints_at_steps`, `checkpoint_every_minutes`): only configs
+    that name these keys (conf/pretrain.yaml) get them, so fine-tuning runs never do."""
+    at_steps = list(cfg.get("keep_checkpoints_at_steps") or [])
+    every = cfg.get("checkpoint_every_minutes")
+    if not at_steps and not every:
+        return None
+    from tasks.budgets import BudgetCheckpoints
+
+    return BudgetCheckpoints(ckpt_dir, at_steps, every, at_end=bool(cfg.get("budget_at_end", True)))
 
 
 class ProgressBar(RichProgressBar):
@@ -402,10 +422,38 @@ def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
     )
 
 
+def load_hf_encoder(ref: str, cache_dir: Path, with_weights: bool) -> Encoder:
+    """`hf:<folder>`: a local transformers BERT folder (bert/convert.py). Its tokenizer is written once to
+    `<cache_dir>/hf-tokenizers/<hash>/tokenizer.json`, the form our datamodules load."""
+    import hashlib
+
+    from bert.convert import load_hf_folder, save_tokenizer_json
+
+    folder = load_hf_folder(ref, with_weights=with_weights)
+    tokenizer_json = folder.tokenizer.to_str()
+    key = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()[:16]
+    tokenizer_dir = Path(cache_dir) / "hf-tokenizers" / key
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        save_tokenizer_json(folder.tokenizer, tokenizer_dir)
+    return Encoder(
+        folder.config.to_dict(),
+        tokenizer_dir,
+        folder.state_dict if with_weights else None,
+        folder.folder,
+        None,
+    )
+
+
 def resolve_encoder(cfg: DictConfig) -> Encoder:
-    """`pretrained`: a checkpoint, a run id, `newest` (newest finished pretraining run) or null (scratch, copying
-    shape and tokenizer from `scratch_like`, else the `model` preset + `tokenizer_dir`)."""
+    """`pretrained`: a checkpoint, a run id, `newest` (newest finished pretraining run), `hf:<folder>` (a local
+    transformers BERT folder) or null (scratch, copying shape and tokenizer from `scratch_like`, which takes the
+    same forms, else the `model` preset + `tokenizer_dir`)."""
+    from bert.convert import is_hf_ref
+
     uri = cfg.logger.tracking_uri if cfg.get("logger") else tracking.default_tracking_uri()
+    if is_hf_ref(cfg.get("pretrained")) or (cfg.get("pretrained") is None and is_hf_ref(cfg.get("scratch_like"))):
+        ref = cfg.pretrained if cfg.get("pretrained") is not None else cfg.scratch_like
+        return load_hf_encoder(str(ref), Path(cfg.paths.cache_dir), with_weights=cfg.get("pretrained") is not None)
     how_to = "pretrain one first with `python run.py` (see README), or pass pretrained=<ckpt|run id>"
 
     def newest() -> str:

@@ -57,7 +57,8 @@ def check(proc) -> None:
 @pytest.fixture(scope="module")
 def fdr_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("fdr")
-    proc = run_cli("run.py", [*SMALL, "debug=fdr"], workdir, cache_dir)
+    # budgets at steps 1 and 2, and at the end (step 3): test_budget_checkpoints_are_kept
+    proc = run_cli("run.py", [*SMALL, "debug=fdr", "keep_checkpoints_at_steps=[1,2]"], workdir, cache_dir)
     check(proc)
     return workdir, proc
 
@@ -86,6 +87,32 @@ def test_fdr_run_is_tracked_in_mlflow(fdr_run):
     assert "trainable parameters" in (artifacts / "model_summary.txt").read_text()
     stray = {p.name for p in workdir.iterdir()} - {"mlruns", "out", "checkpoints"}
     assert not stray, f"files written outside the configured folders: {stray}"
+
+
+def test_budget_checkpoints_are_kept(fdr_run):
+    import torch
+
+    from tasks.budgets import read_budgets
+
+    workdir, _ = fdr_run
+    (run,) = runs_of(workdir)
+    ckpt_dir = Path(run.data.tags["last_ckpt"]).parent
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    recorded = json.loads((artifacts / "budgets.json").read_text())
+    assert [b["step"] for b in recorded] == [1, 2, 3]  # the two asked for, and the end of training
+    assert [b["reason"] for b in recorded] == ["step", "step", "end"]
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith(("budget", ".budget"))) == [
+        "budget-step1.ckpt", "budget-step2.ckpt", "budget-step3.ckpt"]  # fmt: skip  # no temp file left
+    # tokens seen = non-pad tokens of every batch trained on; minutes grow; both stored in each checkpoint
+    batch, seq = int(run.data.params["data.batch_size"]), int(run.data.params["data.max_seq_len"])
+    tokens = [b["tokens"] for b in recorded]
+    assert 0 < tokens[0] <= batch * seq and all(0 < b - a <= batch * seq for a, b in zip(tokens, tokens[1:]))
+    assert all(a["minutes"] <= b["minutes"] for a, b in zip(recorded, recorded[1:]))
+    from_files = read_budgets(ckpt_dir)  # weights_only=True: the checkpoints hold plain types only
+    assert [(b["step"], b["tokens"]) for b in from_files] == [(b["step"], b["tokens"]) for b in recorded]
+    one, two = (torch.load(ckpt_dir / f"budget-step{s}.ckpt", weights_only=True)["state_dict"] for s in (1, 2))
+    key = "model.bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(one[key], two[key])  # kept, not overwritten by later steps
 
 
 def test_checkpoint_exports_to_transformers(fdr_run, tmp_path):
