@@ -48,7 +48,6 @@ def train(cfg: DictConfig) -> float | None:
 
     init = "pretrained" if encoder.state_dict is not None else "scratch"
     logger = runner.build_logger(cfg, run_id, f"{cfg.task.name}-{init}-{datetime.now():%m%d-%H%M%S}")
-    module.mlflow_run_id = os.environ.get(runner.RUN_ID_ENV)
     callbacks = runner.build_callbacks(
         cfg, runner.checkpoint_dir(cfg, logger), monitor=cfg.task.monitor, mode=cfg.task.monitor_mode
     )
@@ -64,7 +63,9 @@ def train(cfg: DictConfig) -> float | None:
     callbacks.append(runner.RunRecordCallback(cfg, tags, encoder.tokenizer_dir, panels))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **runner.lightning_load()
+    )
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     runner.test_on_one_device(cfg, trainer, module, datamodule, logger)
     if trainer.is_global_zero:

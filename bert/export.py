@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bert.checkpoint import checkpoint_kind, load_checkpoint
 from bert.heads import BertForSequenceClassification
 from bert.model import BertConfig, BertForPreTraining, check_vocab, load_state_dict_checked
 
@@ -112,18 +112,25 @@ def _check_tokenizer_vocab(config: BertConfig, tokenizer_json: Path) -> None:
     check_vocab(config, Tokenizer.from_file(str(tokenizer_json)).get_vocab_size(with_added_tokens=True))
 
 
-def _read(path: str | Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # hyper_parameters saved as non-plain types (e.g. an OmegaConf node); our own file, so trusted
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_pretraining_checkpoint(path: str | Path) -> tuple[BertForPreTraining, BertConfig, Path | None]:
     """Read a Lightning .ckpt of the pretraining module: ``state_dict`` under 'model.', and
-    ``hyper_parameters`` holding ``model_config`` (BertConfig fields) and ``tokenizer_dir`` (may be None)."""
-    ckpt = _read(path)
+    ``hyper_parameters`` holding ``model_config`` (BertConfig fields) and ``tokenizer_dir`` (may be None).
+
+    Loaded with ``weights_only=True`` (bert.checkpoint): a file that would run code is refused, never run."""
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    if kind != "pretrain":
+        hint = (
+            "transformers has no CRF head to export it to; to tag text with it use `python -m tasks.tag <it>`"
+            if kind == "ner"
+            else f"continue it with `python run_finetune.py task={kind} ckpt_path=<it>`"
+        )
+        what = "not a checkpoint of this project" if kind == "unknown" else f"a fine-tuned {kind} checkpoint"
+        raise ValueError(
+            f"{path} is {what}: export takes a pretraining checkpoint (`python run.py`) or a fine-tuned "
+            f"sentence-task one (nli, sts, topic); {hint}"
+            + ("" if kind == "unknown" else ", or export the pretraining run it started from")
+        )
     hparams = ckpt.get("hyper_parameters") or {}
     if "model_config" not in hparams:
         raise ValueError(f"{path}: hyper_parameters lack 'model_config' (found {sorted(hparams)})")
@@ -144,7 +151,7 @@ def load_sequence_classification_checkpoint(
 ) -> tuple[BertForSequenceClassification, BertConfig, Path | None, list[str]]:
     """Read a fine-tuned sentence-task .ckpt (tasks.base.FinetuneModule): its `self.model` under 'model.',
     hparams `model_config`, `labels` (empty = regression), `tokenizer_dir`."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # its hparams are plain types by design
+    ckpt = load_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     if "model_config" not in hparams or "labels" not in hparams:
         raise ValueError(f"{path}: not a fine-tuned sentence-task checkpoint (hparams {sorted(hparams)})")
@@ -155,14 +162,6 @@ def load_sequence_classification_checkpoint(
     model.load_state_dict(state_dict, strict=True)
     tokenizer_dir = hparams.get("tokenizer_dir")
     return model.eval(), config, None if tokenizer_dir is None else Path(tokenizer_dir), labels
-
-
-def _task_of(path: Path) -> str | None:
-    """The fine-tuning task a checkpoint was trained on, None for a pretraining checkpoint."""
-    hparams = _read(path).get("hyper_parameters") or {}
-    if "task" in hparams:
-        return str(hparams["task"])
-    return "ner" if "labels" in hparams else None
 
 
 def _resolve(arg: str) -> Path:
@@ -189,19 +188,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     path = _resolve(args.checkpoint)
-    task = _task_of(path)
     labels = None
-    if task is None:
-        model, config, tokenizer_dir = load_pretraining_checkpoint(path)
-    elif task == "ner":
-        parser.error(f"{path} is a NER (CRF) checkpoint: transformers has no CRF head to export it to")
-    else:
-        model, config, tokenizer_dir, labels = load_sequence_classification_checkpoint(path)
+    try:
+        kind = checkpoint_kind(load_checkpoint(path))
+        if kind in ("pretrain", "ner", "unknown"):  # the latter two: refused with what they are and what to do
+            model, config, tokenizer_dir = load_pretraining_checkpoint(path)
+        else:
+            model, config, tokenizer_dir, labels = load_sequence_classification_checkpoint(path)
+    except ValueError as err:  # wrong kind of checkpoint, or one that would run code: say so, no traceback
+        raise SystemExit(f"error: {err}") from None
     tokenizer_dir = args.tokenizer_dir or tokenizer_dir
     if tokenizer_dir is None:
         parser.error("the checkpoint records no tokenizer_dir: pass --tokenizer-dir")
     out = export_transformers(model, config, tokenizer_dir, args.out_dir, args.overwrite, labels)
-    what = type(model).__name__ + (f" ({task}: {len(labels) or 'regression'} labels)" if task else "")
+    what = type(model).__name__ + (f" ({kind}: {len(labels) or 'regression'} labels)" if labels is not None else "")
     print(f"exported {what} {config.num_hidden_layers}L/{config.hidden_size}H vocab {config.vocab_size} to {out}")
 
 

@@ -4,8 +4,7 @@ A task = a DataModule in `datamodules/` (all I/O; it knows its `labels` and `dat
 `bert/heads.py`, a metric set (below, or `tasks/ner.py`) and `conf/task/<name>.yaml` naming the three. The
 entry point (`run_finetune.py`) only composes them. A task module exposes:
 - hparams `task`, `labels`, `model_config`, `tokenizer_dir` (plain types: a checkpoint loads weights_only);
-- `load_encoder(state_dict)` for pretrained weights; `mlflow_run_id`, stamped into every checkpoint so that
-  resuming from a bare .ckpt continues the same MLflow run;
+- `load_encoder(state_dict)` for pretrained weights;
 - `write_report(out_dir, datamodule)` after testing: files to log as artifacts, and extra metrics.
 """
 
@@ -26,12 +25,6 @@ from tasks.optim import build_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over ranks
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]  # every rank's tensor
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """The one place this branch reads a checkpoint: weights_only, never unpickling code.
-    (To be replaced by tasks.checkpoints once it lands.)"""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def label_keys_for(labels: Sequence[str], keys: Sequence[str] | None = None) -> list[str]:
@@ -164,7 +157,6 @@ class FinetuneModule(pl.LightningModule):
         num_labels = len(self.labels) or 1
         self.model = BertForSequenceClassification(BertConfig(**dict(model_config)), num_labels, classifier_dropout)
         self.metrics = ClassificationMetrics(self.labels, label_keys) if self.labels else RegressionMetrics()
-        self.mlflow_run_id: str | None = None
         self.last_eval: dict[str, Any] | None = None
 
     @property
@@ -213,9 +205,6 @@ class FinetuneModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mlflow_run_id"] = self.mlflow_run_id  # resuming from a bare path continues the same run
 
     def write_report(self, out_dir: Path, datamodule: Any = None) -> tuple[list[tuple[Path, str | None]], dict[str, float]]:
         """The last evaluation (test) as files: per-class table + confusion matrix, or predicted-vs-gold scatter."""

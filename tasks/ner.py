@@ -45,7 +45,7 @@ class NerModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(
             {
-                "task": task,
+                "task": task,  # what the checkpoint is (tasks.checkpoints)
                 "model_config": dict(model_config),
                 "labels": list(labels),
                 "optim": dict(optim),
@@ -59,7 +59,6 @@ class NerModule(pl.LightningModule):
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
-        self.mlflow_run_id: str | None = None
         self.last_eval: dict[str, Any] | None = None
         self._reset_counts()
 
@@ -136,9 +135,6 @@ class NerModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mlflow_run_id"] = self.mlflow_run_id  # resuming from a bare path continues the same run
 
     def write_report(self, out_dir: Path, datamodule: Any = None) -> tuple[list[tuple[Path, str | None]], dict[str, float]]:
         """Per-type report and char confusion matrix of the last evaluation (test), and the alignment ceiling:

@@ -33,18 +33,6 @@ PAIR_TASKS = {"nsp", "nli", "sts"}
 SENTENCE_TASKS = {"nli", "sts", "topic"}
 
 
-def checkpoint_kind(ckpt: dict[str, Any]) -> str:
-    """What a checkpoint of this project holds: "pretrain", or the fine-tuning task it was trained on."""
-    hparams = ckpt.get("hyper_parameters") or {}
-    if "task" in hparams:
-        return str(hparams["task"])
-    if "model_config" in hparams and "labels" in hparams:
-        return "ner"  # NER checkpoints written before the task hparam existed
-    if "model_config" in hparams:
-        return "pretrain"
-    return "unknown"
-
-
 @dataclass
 class Loaded:
     kind: str
@@ -57,19 +45,19 @@ class Loaded:
 def load(ref: str, expected: str, tracking_uri: str | None = None) -> Loaded:
     """A checkpoint (path or MLflow run id) -> model in eval mode + tokenizer; fails when it is not `expected`."""
     from bert.tokenizer import load_tokenizer
-    from tasks.base import read_checkpoint
+    from tasks import checkpoints
     from tasks.runner import tokenizer_dir_of
-    from tasks.tracking import resolve_checkpoint
 
-    path = resolve_checkpoint(ref, tracking_uri)
-    ckpt = read_checkpoint(path)
-    kind = checkpoint_kind(ckpt)
+    path = checkpoints.resolve(ref, tracking_uri)
+    try:
+        ckpt = checkpoints.load(path)  # weights_only: a file that would run code is refused, never run
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    kind = checkpoints.checkpoint_kind(ckpt)
     if kind != expected:
-        hint = "fill-mask or nsp" if kind == "pretrain" else kind
-        raise SystemExit(
-            f"{path} is a '{kind}' checkpoint, but `predict {'fill-mask/nsp' if expected == 'pretrain' else expected}` "
-            f"needs a '{expected}' one: use `python -m tasks.predict {hint} ...` or another run"
-        )
+        command = "fill-mask/nsp" if expected == "pretrain" else expected
+        wanted = "a pretraining" if expected == "pretrain" else f"a fine-tuned {expected}"
+        raise SystemExit(f"error: `predict {command}` takes {wanted} checkpoint, but {path} is {checkpoints.describe(kind)}")
     hparams = dict(ckpt["hyper_parameters"])
     config = BertConfig.from_dict(dict(hparams["model_config"]))
     state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

@@ -28,7 +28,12 @@ class PretrainModule(pl.LightningModule):
         super().__init__()
         # model_config and tokenizer_dir travel inside every checkpoint: export and fine-tuning rebuild from them.
         self.save_hyperparameters(
-            {"model_config": dict(model_config), "optim": dict(optim), "tokenizer_dir": tokenizer_dir},
+            {
+                "task": "pretrain",  # what the checkpoint is (tasks.checkpoints)
+                "model_config": dict(model_config),
+                "optim": dict(optim),
+                "tokenizer_dir": tokenizer_dir,
+            },
             logger=False,  # RunRecordCallback logs them, under module.*
         )
         self.model = BertForPreTraining(BertConfig(**dict(model_config)))
@@ -37,7 +42,6 @@ class PretrainModule(pl.LightningModule):
         self._step_start: float | None = None
         self._batch_tokens = 0
         self.tokens_seen = 0  # non-pad tokens trained on, all ranks; saved in checkpoints (budgets, resume)
-        self.mlflow_run_id: str | None = None
 
     def configure_model(self) -> None:
         if self._compile:
@@ -106,8 +110,7 @@ class PretrainModule(pl.LightningModule):
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Resuming from a bare path continues the same MLflow run.
-        checkpoint["mlflow_run_id"] = self.mlflow_run_id
+        # (the MLflow run id is stamped by tasks.runner.RunIdStamp, for every module)
         checkpoint["tokens_seen"] = int(self.tokens_seen)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

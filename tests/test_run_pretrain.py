@@ -200,7 +200,7 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
 
     import torch
 
-    ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    ckpt_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir)
     check(resumed)
     (after,) = runs_of(tmp_path)
@@ -283,3 +283,48 @@ def test_remote_mlflow_server_and_local_ui(fdr_run, cache_dir, tmp_path):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def _logged_steps(workdir: Path, run_id: str, after_ms: float = 0) -> list[int]:
+    history = client_for(workdir).get_metric_history(run_id, "train/mlm_loss")
+    return sorted(m.step for m in history if m.timestamp > after_ms)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "max_time"])
+def test_stop_saves_the_last_step_and_resume_continues_it(cache_dir, tmp_path, stop):
+    """SIGTERM mid-epoch (as SLURM preempts) or max_time: last.ckpt holds the last trained step, the run is
+    tagged with why it stopped, and ckpt_path=last continues at the next step, replaying nothing."""
+    args = [*SMALL, "trainer.max_steps=400", "checkpoint_every_n_steps=1000", "trainer.val_check_interval=1000",
+            "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
+    if stop == "max_time":
+        check(run_cli("run.py", [*args, "trainer.max_time=00:00:00:20"], tmp_path, cache_dir))
+    else:
+        proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            runs = runs_of(tmp_path)
+            if runs and len(_logged_steps(tmp_path, runs[0].info.run_id)) >= 10:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "run ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=120)
+    stopped_ms = time.time() * 1000
+    (run,) = runs_of(tmp_path)
+    tags = run.data.tags
+    logged = _logged_steps(tmp_path, run.info.run_id)
+
+    import torch
+
+    ckpt_step = torch.load(tags["last_ckpt"], map_location="cpu", weights_only=True)["global_step"]
+    assert ckpt_step == logged[-1] + 1 < 400  # the step after the last logged one: nothing lost
+    assert tags["stop_reason"] == stop and int(tags["final_step"]) == ckpt_step
+
+    resumed = run_cli("run.py", [*args, "ckpt_path=last", "trainer.max_steps=" + str(ckpt_step + 5)], tmp_path,
+                      cache_dir)  # fmt: skip
+    check(resumed)
+    (after,) = runs_of(tmp_path)
+    assert after.info.run_id == run.info.run_id
+    assert _logged_steps(tmp_path, run.info.run_id, stopped_ms) == list(range(ckpt_step, ckpt_step + 5))
+    assert after.data.tags["stop_reason"] == "max_steps"
