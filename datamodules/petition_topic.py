@@ -67,8 +67,7 @@ class PetitionTopicDataModule(SentenceDataModule):
                     continue
                 seen.add(example.guid)
                 out.append(example)
-        if repeated.count:
-            repeated.report(Path(self.files[0]["name"]).parent, "a petition_idx seen before")
+        repeated.report(", ".join(str(path) for path in paths), "a petition_idx seen before")
         return out
 
     def split(self, examples: list[SentenceExample]) -> dict[str, list[SentenceExample]]:

@@ -178,6 +178,8 @@ class SentenceDataset(Dataset):
             [(ex.text_a, ex.text_b) for ex in self.examples], stats, [ex.where for ex in self.examples]
         )
         for index, (item, ex) in enumerate(zip(self.items, self.examples)):
+            if label2id and ex.label not in label2id:  # readers check first; a new reader cannot slip one in
+                raise ValueError(f"{ex.where}: unknown label {ex.label!r} (known: {', '.join(label2id)})")
             if label2id:
                 item["labels"] = torch.tensor(label2id[ex.label], dtype=torch.long)
             else:
@@ -230,11 +232,6 @@ class SentenceDataModule(pl.LightningDataModule):
 
     def split(self, examples: list[SentenceExample]) -> dict[str, list[SentenceExample]]:
         return split_by_index(examples, **self.split_spec)
-
-    def check_label(self, label: Any, where: str) -> None:
-        """An unknown class is an error naming the record (never silently a new class)."""
-        if self.labels and label not in self.labels:
-            raise ValueError(f"{where}: unknown label {label!r} (known: {', '.join(map(str, self.labels))})")
 
     def prepare_data(self) -> None:
         self.paths = [fetch(f["name"], f.get("url"), f.get("sha256"), self.data_dir, self.mirror) for f in self.files]
@@ -294,9 +291,9 @@ class SkipCount:
         if len(self.examples) < 3:
             self.examples.append(where)
 
-    def report(self, path: Path, what: str) -> None:
+    def report(self, source: Path | str, what: str) -> None:
         if self.count:
-            log.warning("%s: skipped %d records with %s (first: %s)", path, self.count, what, "; ".join(self.examples))
+            log.warning("%s: skipped %d records with %s (first: %s)", source, self.count, what, "; ".join(self.examples))
 
 
 def read_json_records(path: Path) -> list[dict]:
