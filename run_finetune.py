@@ -1,4 +1,8 @@
-"""Fine-tune on a downstream task: `python run_finetune.py task=ner [pretrained=<ckpt|run id|newest|null>]`."""
+"""Fine-tune on a downstream task: `python run_finetune.py task=<ner|nli|sts|topic> [pretrained=<ckpt|run id|newest|null>]`.
+
+Task-generic: conf/task/<name>.yaml names the data module (`task.data`), the LightningModule (`task.module`),
+the monitored metric and the plot panels; nothing here knows a task.
+"""
 
 from __future__ import annotations
 
@@ -13,21 +17,11 @@ import hydra  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from bert.ner_align import alignment_ceiling  # noqa: E402
-from bert.tokenizer import load_tokenizer  # noqa: E402
-from datamodules.klue_ner import LABELS  # noqa: E402
 from tasks import runner, tracking  # noqa: E402
-from tasks.ner import NerModule, plot_confusion, report  # noqa: E402
-
-PLOT_PANELS = {
-    "loss": ["train/loss", "val/loss"],
-    "entity F1": ["val/entity_f1_micro", "val/entity_f1_macro"],
-    "char F1": ["val/char_f1_klue", "val/char_f1"],
-}
 
 
 def train(cfg: DictConfig) -> float | None:
-    """Compose, instantiate, fit, test on one device; returns the best validation entity macro F1."""
+    """Compose, instantiate, fit, test on one device; returns the best value of the task's monitor (val)."""
     ckpt_path, run_id = runner.resolve_resume(cfg)
     encoder = runner.resolve_encoder(cfg)  # fails before any training when there is nothing to start from
     pl.seed_everything(cfg.seed, workers=True)
@@ -35,20 +29,19 @@ def train(cfg: DictConfig) -> float | None:
     datamodule = hydra.utils.instantiate(cfg.task.data, tokenizer_dir=str(encoder.tokenizer_dir))
     datamodule.prepare_data()
     model_config = dict(encoder.model_config)
-    if (
-        cfg.task.get("encoder_dropout") is not None
-    ):  # pretraining may have run without dropout (short budgets)
+    if cfg.task.get("encoder_dropout") is not None:  # pretraining may have run without dropout (short budgets)
         model_config.update(
             hidden_dropout_prob=cfg.task.encoder_dropout,
             attention_probs_dropout_prob=cfg.task.encoder_dropout,
         )
-    module = NerModule(
+    module = hydra.utils.instantiate(
+        cfg.task.module,
         model_config=model_config,
-        labels=LABELS,
+        labels=list(datamodule.labels),
         optim=OmegaConf.to_container(cfg.optim, resolve=True),  # plain types: weights_only loads
         tokenizer_dir=str(encoder.tokenizer_dir),
-        classifier_dropout=cfg.task.get("classifier_dropout"),
         init_from=str(encoder.checkpoint) if encoder.state_dict is not None else None,
+        _convert_="all",  # plain dicts and lists in the hparams, so checkpoints load with weights_only
     )
     if encoder.state_dict is not None and ckpt_path is None:
         module.load_encoder(encoder.state_dict)
@@ -66,46 +59,34 @@ def train(cfg: DictConfig) -> float | None:
         "pretrained_run": encoder.run_id or "",
         "pretrained_ckpt": str(encoder.checkpoint or ""),
     }
-    callbacks.append(runner.RunRecordCallback(cfg, tags, encoder.tokenizer_dir, PLOT_PANELS))
+    panels = OmegaConf.to_container(cfg.task.get("plot_panels") or {}, resolve=True)
+    callbacks.append(runner.RunRecordCallback(cfg, tags, encoder.tokenizer_dir, panels))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **runner.lightning_load()
     )
-    runner.test_on_one_device(cfg, trainer, module, datamodule, logger)
-    if trainer.is_global_zero and getattr(module, "last_eval", None):
-        write_report(cfg, module, logger)
-        log_alignment_ceiling(datamodule, encoder.tokenizer_dir, logger)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+    runner.test_on_one_device(cfg, trainer, module, datamodule, logger)
+    if trainer.is_global_zero:
+        log_report(cfg, module, datamodule, logger, best)
     return float(best) if best is not None else None
 
 
-def write_report(cfg: DictConfig, module: NerModule, logger) -> None:
-    """Per-type report and confusion matrix of the last evaluation (test), printed and logged as artifacts."""
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last = module.last_eval
-    text = report(last["entity"], last["confusion"], module.labels)
-    print(text)
-    (out_dir / f"{last['stage']}_report.txt").write_text(text, encoding="utf-8")
-    plot_confusion(last["confusion"], module.labels, out_dir / f"{last['stage']}_confusion.png")
-    if logger is not None:
-        logger.experiment.log_artifact(logger.run_id, str(out_dir / f"{last['stage']}_report.txt"))
-        logger.experiment.log_artifact(
-            logger.run_id, str(out_dir / f"{last['stage']}_confusion.png"), "plots"
-        )
-
-
-def log_alignment_ceiling(datamodule, tokenizer_dir: Path, logger) -> None:
-    """The best entity F1 wordpiece-level tags can reach with this tokenizer (gold tags round-tripped)."""
-    tokenizer = load_tokenizer(Path(tokenizer_dir))
-    ceiling = alignment_ceiling(datamodule.datasets["test"].sentences, tokenizer, datamodule.max_seq_len)
-    metrics = {f"test/alignment_ceiling_{k}": ceiling[f"entity_f1_{k}"] for k in ("micro", "macro")}
-    print(
-        f"alignment ceiling (test): micro {metrics['test/alignment_ceiling_micro']:.4f}, macro {metrics['test/alignment_ceiling_macro']:.4f}"
-    )
-    if logger is not None:
+def log_report(cfg: DictConfig, module: pl.LightningModule, datamodule, logger, best) -> None:
+    """The task's report files and extra metrics; the best monitored value; how many inputs were truncated."""
+    files, metrics = module.write_report(Path(cfg.paths.output_dir), datamodule)
+    if best is not None:
+        metrics[f"best/{cfg.task.monitor}"] = float(best)
+    if logger is None:
+        return
+    for path, artifact_dir in files:
+        logger.experiment.log_artifact(logger.run_id, str(path), artifact_dir)
+    if metrics:
         logger.log_metrics(metrics)
+    truncated = {f"truncated_{name}": stats.truncated for name, stats in getattr(datamodule, "stats", {}).items()}
+    if truncated:
+        tracking.set_tags(logger, truncated)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="finetune")

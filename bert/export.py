@@ -1,9 +1,12 @@
-"""Export a pretrained model as a transformers folder (config.json, model.safetensors, tokenizer files).
+"""Export a checkpoint as a transformers folder (config.json, model.safetensors, tokenizer files).
 
     python -m bert.export <checkpoint.ckpt | mlflow-run-id> <out-dir>
 
-The folder loads with ``transformers.BertForPreTraining.from_pretrained`` / ``AutoTokenizer.from_pretrained``
-and nothing from this repository.
+A pretraining checkpoint loads with ``transformers.BertForPreTraining.from_pretrained``; a fine-tuned
+sentence-task checkpoint (NLI, STS, topic) with ``AutoModelForSequenceClassification.from_pretrained``, with
+``id2label`` / ``label2id`` and ``problem_type`` (``regression`` for STS) in config.json. The tokenizer loads
+with ``AutoTokenizer.from_pretrained``. Nothing from this repository is needed to use the folder. (NER's CRF
+has no transformers counterpart and is not exported.)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from bert.checkpoint import checkpoint_kind, load_checkpoint
+from bert.heads import BertForSequenceClassification
 from bert.model import BertConfig, BertForPreTraining, check_vocab, load_state_dict_checked
 
 # what transformers' save_pretrained leaves out: tied copies it re-creates at load time
@@ -30,14 +34,30 @@ OPTIONAL_TOKENIZER_FILES = ("special_tokens_map.json", "vocab.txt")
 CKPT_PREFIX = "model."
 
 
+def sequence_classification_config(model: BertForSequenceClassification, labels: list[str]) -> dict:
+    """config.json entries of transformers' BertForSequenceClassification: labels, loss, architecture."""
+    names = list(labels) if labels else ["score"]  # regression: one output, named for what it is
+    if len(names) != model.num_labels:
+        raise ValueError(f"{len(names)} labels for a head with {model.num_labels} outputs")
+    return {
+        "architectures": ["BertForSequenceClassification"],
+        "id2label": {str(i): name for i, name in enumerate(names)},
+        "label2id": {name: i for i, name in enumerate(names)},
+        "problem_type": model.problem_type,
+        "classifier_dropout": model.dropout.p,
+    }
+
+
 def export_transformers(
-    model: BertForPreTraining | Mapping[str, torch.Tensor],
+    model: BertForPreTraining | BertForSequenceClassification | Mapping[str, torch.Tensor],
     config: BertConfig,
     tokenizer_dir: str | Path,
     out_dir: str | Path,
     overwrite: bool = False,
+    labels: list[str] | None = None,
 ) -> Path:
-    """Write ``out_dir`` atomically: everything goes to a temp folder beside it, renamed at the end."""
+    """Write ``out_dir`` atomically: everything goes to a temp folder beside it, renamed at the end.
+    A `BertForSequenceClassification` needs its `labels` (empty list = regression)."""
     tokenizer_dir, out_dir = Path(tokenizer_dir), Path(out_dir)
     missing = [n for n in REQUIRED_TOKENIZER_FILES if not (tokenizer_dir / n).is_file()]
     if missing:
@@ -46,9 +66,15 @@ def export_transformers(
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--overwrite) to replace it")
     _check_tokenizer_vocab(config, tokenizer_dir / "tokenizer.json")
 
-    if not isinstance(model, BertForPreTraining):  # a state dict: validate keys and shapes by loading it
+    if not isinstance(model, (BertForPreTraining, BertForSequenceClassification)):
+        # a pretraining state dict: validate keys and shapes by loading it
         state_dict, model = model, BertForPreTraining(config)
         load_state_dict_checked(model, state_dict, strict=True)
+    config_json = config.to_transformers_dict()
+    if isinstance(model, BertForSequenceClassification):
+        if labels is None:
+            raise ValueError("a sequence classification export needs its labels (empty list = regression)")
+        config_json.update(sequence_classification_config(model, labels))
     # safetensors refuses tensors that share storage: drop the tied copies, own every remaining tensor
     tensors = {
         k: v.detach().to("cpu", copy=True).contiguous()
@@ -61,7 +87,7 @@ def export_transformers(
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
     try:
         save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config.to_transformers_dict(), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(config_json, indent=2, ensure_ascii=False) + "\n")
         for name in REQUIRED_TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copy2(tokenizer_dir / name, tmp / name)
@@ -95,13 +121,14 @@ def load_pretraining_checkpoint(path: str | Path) -> tuple[BertForPreTraining, B
     kind = checkpoint_kind(ckpt)
     if kind != "pretrain":
         hint = (
-            "to tag text with it use `python -m tasks.tag <it>`"
+            "transformers has no CRF head to export it to; to tag text with it use `python -m tasks.tag <it>`"
             if kind == "ner"
             else f"continue it with `python run_finetune.py task={kind} ckpt_path=<it>`"
         )
         what = "not a checkpoint of this project" if kind == "unknown" else f"a fine-tuned {kind} checkpoint"
         raise ValueError(
-            f"{path} is {what}: export takes a pretraining checkpoint (`python run.py`); {hint}"
+            f"{path} is {what}: export takes a pretraining checkpoint (`python run.py`) or a fine-tuned "
+            f"sentence-task one (nli, sts, topic); {hint}"
             + ("" if kind == "unknown" else ", or export the pretraining run it started from")
         )
     hparams = ckpt.get("hyper_parameters") or {}
@@ -119,6 +146,24 @@ def load_pretraining_checkpoint(path: str | Path) -> tuple[BertForPreTraining, B
     return model.eval(), config, None if tokenizer_dir is None else Path(tokenizer_dir)
 
 
+def load_sequence_classification_checkpoint(
+    path: str | Path,
+) -> tuple[BertForSequenceClassification, BertConfig, Path | None, list[str]]:
+    """Read a fine-tuned sentence-task .ckpt (tasks.base.FinetuneModule): its `self.model` under 'model.',
+    hparams `model_config`, `labels` (empty = regression), `tokenizer_dir`."""
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "model_config" not in hparams or "labels" not in hparams:
+        raise ValueError(f"{path}: not a fine-tuned sentence-task checkpoint (hparams {sorted(hparams)})")
+    config = BertConfig.from_dict(dict(hparams["model_config"]))
+    labels = [str(label) for label in hparams["labels"]]
+    model = BertForSequenceClassification(config, len(labels) or 1, hparams.get("classifier_dropout"))
+    state_dict = {k[len(CKPT_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(CKPT_PREFIX)}
+    model.load_state_dict(state_dict, strict=True)
+    tokenizer_dir = hparams.get("tokenizer_dir")
+    return model.eval(), config, None if tokenizer_dir is None else Path(tokenizer_dir), labels
+
+
 def _resolve(arg: str) -> Path:
     if Path(arg).exists():
         return Path(arg)
@@ -134,7 +179,7 @@ def _resolve(arg: str) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bert.export", description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="Lightning .ckpt of the pretraining run, or its MLflow run id")
+    parser.add_argument("checkpoint", help="Lightning .ckpt (pretraining or sentence task), or its MLflow run id")
     parser.add_argument("out_dir", type=Path)
     parser.add_argument(
         "--tokenizer-dir", type=Path, help="override the tokenizer folder stored in the checkpoint"
@@ -142,15 +187,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     args = parser.parse_args(argv)
 
+    path = _resolve(args.checkpoint)
+    labels = None
     try:
-        model, config, tokenizer_dir = load_pretraining_checkpoint(_resolve(args.checkpoint))
+        kind = checkpoint_kind(load_checkpoint(path))
+        if kind in ("pretrain", "ner", "unknown"):  # the latter two: refused with what they are and what to do
+            model, config, tokenizer_dir = load_pretraining_checkpoint(path)
+        else:
+            model, config, tokenizer_dir, labels = load_sequence_classification_checkpoint(path)
     except ValueError as err:  # wrong kind of checkpoint, or one that would run code: say so, no traceback
         raise SystemExit(f"error: {err}") from None
     tokenizer_dir = args.tokenizer_dir or tokenizer_dir
     if tokenizer_dir is None:
         parser.error("the checkpoint records no tokenizer_dir: pass --tokenizer-dir")
-    out = export_transformers(model, config, tokenizer_dir, args.out_dir, args.overwrite)
-    print(f"exported {config.num_hidden_layers}L/{config.hidden_size}H vocab {config.vocab_size} to {out}")
+    out = export_transformers(model, config, tokenizer_dir, args.out_dir, args.overwrite, labels)
+    what = type(model).__name__ + (f" ({kind}: {len(labels) or 'regression'} labels)" if labels is not None else "")
+    print(f"exported {what} {config.num_hidden_layers}L/{config.hidden_size}H vocab {config.vocab_size} to {out}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""NER metrics built from summable counts, so that per-rank counts can be all-reduced (DDP) before the F1.
+"""Task metrics built from what ranks can exchange under DDP: summable counts (NER spans, confusion
+matrices), or gathered (index, score) lists (STS), reduced before any F1 or correlation is computed.
 
 Entity F1: strict IOB2 spans, as `seqeval` with `mode="strict", scheme=IOB2`. An entity is a `B-X` followed by
 the longest run of `I-X`; an `I-X` that does not continue a `B-X`/`I-X` run starts no entity (the lenient
@@ -165,3 +166,81 @@ def char_f1(confusion: torch.Tensor, outside_id: int = 0) -> float:
     if not present.any():
         return 0.0
     return float((2 * tp[present] / denominator[present]).mean())
+
+
+# sentence level (NLI, topic: classification; STS: regression). Confusion matrices and (index, score) lists
+# are what ranks exchange under DDP; the scores are computed from them once, at epoch end.
+
+
+def classification_scores(confusion: torch.Tensor) -> dict:
+    """Accuracy, macro F1 and per-class F1 from a (gold, predicted) confusion matrix.
+
+    Equal to scikit-learn's `accuracy_score`, `f1_score(average="macro")` (macro over the labels present in
+    gold or prediction, sklearn's default label set; KLUE's YNAT metric) and `f1_score(labels=all,
+    average=None, zero_division=0)` for `per_class` (a label never predicted nor gold scores 0)."""
+    tp, fp, fn = _per_label_counts(confusion)
+    total = float(confusion.sum())
+    denominator = 2 * tp + fp + fn
+    per_class = torch.where(denominator > 0, 2 * tp / denominator.clamp(min=1), torch.zeros_like(tp))
+    present = denominator > 0
+    return {
+        "accuracy": float(tp.sum()) / total if total else 0.0,
+        "f1_macro": float(per_class[present].mean()) if present.any() else 0.0,
+        "per_class": [float(f) for f in per_class],
+    }
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson's r in float64 (scipy.stats.pearsonr); 0.0 when either side is constant (scipy: nan)."""
+    x, y = x.double().flatten(), y.double().flatten()
+    if x.numel() != y.numel():
+        raise ValueError(f"{x.numel()} predictions but {y.numel()} gold scores")
+    if x.numel() < 2:
+        return 0.0
+    dx, dy = x - x.mean(), y - y.mean()
+    denominator = (dx.square().sum() * dy.square().sum()).sqrt()
+    return float((dx * dy).sum() / denominator) if denominator > 0 else 0.0
+
+
+def average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks, ties sharing their mean rank (scipy.stats.rankdata's default)."""
+    x = x.double().flatten()
+    order = torch.argsort(x, stable=True)
+    sorted_x = x[order]
+    ranks = torch.empty_like(x)
+    start = 0
+    n = x.numel()
+    while start < n:  # runs of equal values share (first + last) / 2
+        end = start
+        while end + 1 < n and sorted_x[end + 1] == sorted_x[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho = Pearson's r of the average ranks (scipy.stats.spearmanr)."""
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def binary_f1(gold: torch.Tensor, pred: torch.Tensor) -> float:
+    """F1 of the positive class (sklearn `f1_score(average="binary")`, zero_division 0)."""
+    gold, pred = gold.bool().flatten(), pred.bool().flatten()
+    tp = float((gold & pred).sum())
+    fp = float((~gold & pred).sum())
+    fn = float((gold & ~pred).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+STS_THRESHOLD = 3.0  # KLUE-STS: a pair is "similar" (binary-label 1) when its score is >= 3.0
+
+
+def sts_scores(pred: torch.Tensor, gold: torch.Tensor, gold_binary: torch.Tensor) -> dict[str, float]:
+    """KLUE-STS: Pearson on the real-valued scores (KLUE's main metric), Spearman, and F1 of the prediction
+    binarized at 3.0 against `labels.binary-label` (KLUE-baseline `klue_sts_f1`: sklearn binary F1)."""
+    return {
+        "pearson": pearson(pred, gold),
+        "spearman": spearman(pred, gold),
+        "f1": binary_f1(gold_binary, pred.double() >= STS_THRESHOLD),
+    }

@@ -254,6 +254,7 @@ class KlueNerDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.path: Path | None = None
         self.datasets: dict[str, KlueNerDataset] = {}
+        self.labels = list(LABELS)  # what the head predicts (the tagger's label ids)
 
     def prepare_data(self) -> None:
         self.path = fetch(self.file["name"], self.file.get("url"), self.file.get("sha256"), self.data_dir, self.mirror)

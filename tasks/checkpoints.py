@@ -32,9 +32,14 @@ __all__ = [
 # what each kind of checkpoint is for: the commands that take it
 COMMANDS = {
     "pretrain": "`python run_finetune.py task=<task> pretrained=<it>`, `python -m bert.export <it> <out-dir>`, "
-    "or `python run.py ckpt_path=<it>` to continue pretraining",
-    "ner": "`python -m tasks.tag <it> \"문장\"` to tag text, or `python run_finetune.py task=ner ckpt_path=<it>` "
-    "to continue its fine-tuning",
+    "`python -m tasks.predict fill-mask|nsp <it> ...`, or `python run.py ckpt_path=<it>` to continue pretraining",
+    "ner": "`python -m tasks.tag <it> \"문장\"` or `python -m tasks.predict ner <it> ...` to tag text, or "
+    "`python run_finetune.py task=ner ckpt_path=<it>` to continue its fine-tuning",
+    **{
+        task: f"`python -m tasks.predict {task} <it> ...` to predict, `python -m bert.export <it> <out-dir>` for "
+        f"transformers, or `python run_finetune.py task={task} ckpt_path=<it>` to continue its fine-tuning"
+        for task in ("nli", "sts", "topic")
+    },
 }
 
 

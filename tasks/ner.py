@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 
+from bert.heads import BertCrfTagger
 from bert.metrics import (
     char_confusion,
     char_f1,
@@ -18,11 +20,11 @@ from bert.metrics import (
     f1_from_counts,
 )
 from bert.model import BertConfig, load_state_dict_checked
-from bert.ner import BertCrfTagger
-from bert.ner_align import drop_spaces, pieces_to_char_tags
+from bert.ner_align import alignment_ceiling, drop_spaces, pieces_to_char_tags
+from bert.tokenizer import load_tokenizer
+from datamodules.klue_ner import ENTITY_TYPES
 from tasks.optim import build_optimizer
-
-ENTITY_TYPES = ("PS", "LC", "OG", "DT", "TI", "QT")
+from tasks.plots import plot_confusion
 
 
 class NerModule(pl.LightningModule):
@@ -37,23 +39,27 @@ class NerModule(pl.LightningModule):
         tokenizer_dir: str | None = None,
         classifier_dropout: float | None = 0.1,
         init_from: str | None = None,
+        task: str = "ner",
+        max_seq_len: int = 128,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(
             {
-                "task": "ner",  # what the checkpoint is (tasks.checkpoints)
+                "task": task,  # what the checkpoint is (tasks.checkpoints)
                 "model_config": dict(model_config),
                 "labels": list(labels),
                 "optim": dict(optim),
                 "tokenizer_dir": tokenizer_dir,
                 "classifier_dropout": classifier_dropout,
                 "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
+                "max_seq_len": int(max_seq_len),  # prediction encodes raw text the same way
             },
             logger=False,  # RunRecordCallback logs them, under module.*
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
+        self.last_eval: dict[str, Any] | None = None
         self._reset_counts()
 
     def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -130,6 +136,28 @@ class NerModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
+    def write_report(self, out_dir: Path, datamodule: Any = None) -> tuple[list[tuple[Path, str | None]], dict[str, float]]:
+        """Per-type report and char confusion matrix of the last evaluation (test), and the alignment ceiling:
+        the best entity F1 wordpiece-level tags can reach with this tokenizer (gold tags round-tripped)."""
+        last = self.last_eval
+        if not last:
+            return [], {}
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        text = report(last["entity"], last["confusion"], self.labels)
+        print(text)
+        report_file = out_dir / f"{last['stage']}_report.txt"
+        report_file.write_text(text, encoding="utf-8")
+        png = plot_confusion(last["confusion"], self.labels, out_dir / f"{last['stage']}_confusion.png")
+        metrics: dict[str, float] = {}
+        if datamodule is not None and self.hparams.tokenizer_dir:
+            tokenizer = load_tokenizer(Path(self.hparams.tokenizer_dir))
+            ceiling = alignment_ceiling(datamodule.datasets["test"].sentences, tokenizer, datamodule.max_seq_len)
+            metrics = {f"test/alignment_ceiling_{k}": ceiling[f"entity_f1_{k}"] for k in ("micro", "macro")}
+            print(f"alignment ceiling (test): micro {metrics['test/alignment_ceiling_micro']:.4f}, "
+                  f"macro {metrics['test/alignment_ceiling_macro']:.4f}")  # fmt: skip
+        return [(report_file, None), (png, "plots")], metrics
+
 
 def report(entity: torch.Tensor, confusion: torch.Tensor, labels: Sequence[str]) -> str:
     """Per-type table (precision, recall, F1, support) as text, like seqeval's classification_report."""
@@ -147,27 +175,3 @@ def report(entity: torch.Tensor, confusion: torch.Tensor, labels: Sequence[str])
         f"char F1 (KLUE, O included) {char_f1_klue(confusion):.4f}  char F1 (O excluded) {char_f1(confusion):.4f}"
     )
     return "\n".join(lines) + "\n"
-
-
-def plot_confusion(confusion: torch.Tensor, labels: Sequence[str], out_png) -> None:
-    """Row-normalised character confusion matrix (gold rows, predicted columns)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    norm = confusion.double() / confusion.sum(dim=1, keepdim=True).clamp(min=1)
-    fig, ax = plt.subplots(figsize=(7, 6))
-    ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
-    ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            if confusion[i, j]:
-                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=5,
-                        color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)

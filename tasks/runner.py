@@ -110,7 +110,9 @@ def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLo
     else:
         artifact_location = None
     if str(cfg.logger.tracking_uri).startswith("sqlite:"):
-        tracking.ensure_store(cfg.logger.tracking_uri, cfg.logger.get("artifact_location"))
+        tracking.ensure_store(
+            cfg.logger.tracking_uri, cfg.logger.get("artifact_location"), [cfg.logger.experiment_name]
+        )
     tags = {str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}
     if cfg.logger.get("parent_run_id"):  # nested under a study's parent run (tasks/study.py)
         tags["mlflow.parentRunId"] = str(cfg.logger.parent_run_id)
@@ -490,6 +492,11 @@ def test_on_one_device(
     if trainer.world_size == 1:
         trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, **checkpoints.lightning_load())
         return
+    # A new Trainer on rank 0 opens a process group in prepare_data (Lightning's _InfiniteBarrier) that the
+    # other ranks never join: it hung forever. Every rank leaves the DDP process group first.
+    trainer.strategy.barrier("test_on_one_device")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if not trainer.is_global_zero:
         return
     single = pl.Trainer(accelerator=trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),

@@ -19,7 +19,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-EXPERIMENTS = ("pretrain", "finetune-ner")
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -43,10 +42,9 @@ def _store_lock(tracking_uri: str):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def ensure_store(
-    tracking_uri: str, artifact_location: str | None, experiments: Iterable[str] = EXPERIMENTS
-) -> None:
-    """Create (or migrate) the store and our experiments once, before any parallel client exists."""
+def ensure_store(tracking_uri: str, artifact_location: str | None, experiments: Iterable[str] = ()) -> None:
+    """Create (or migrate) the store and the given experiments (names from the config: `logger.experiment_name`)
+    once, before any parallel client exists."""
     from mlflow.tracking import MlflowClient
 
     with _store_lock(tracking_uri):
@@ -74,7 +72,7 @@ class EnsureStoreCallback(_HydraCallback):
     def _ensure(self, config: Any) -> None:
         logger = config.get("logger")
         if logger and str(logger.get("tracking_uri", "")).startswith("sqlite:"):
-            ensure_store(logger.tracking_uri, logger.get("artifact_location"))
+            ensure_store(logger.tracking_uri, logger.get("artifact_location"), [logger.experiment_name])
 
     def on_run_start(self, config: Any, **kwargs: Any) -> None:
         self._ensure(config)
