@@ -60,6 +60,7 @@ def train(cfg: DictConfig) -> float | None:
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    runner.print_summary(trainer)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     metric = best if best is not None else trainer.callback_metrics.get("val/loss")
     return float(metric) if metric is not None else None

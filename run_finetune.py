@@ -74,6 +74,7 @@ def train(cfg: DictConfig) -> float | None:
     if trainer.is_global_zero and getattr(module, "last_eval", None):
         write_report(cfg, module, logger)
         log_alignment_ceiling(datamodule, encoder.tokenizer_dir, logger)
+    runner.print_summary(trainer)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     return float(best) if best is not None else None
 

@@ -20,6 +20,7 @@ from bert.metrics import (
 from bert.model import BertConfig, load_state_dict_checked
 from bert.ner import BertCrfTagger
 from bert.ner_align import drop_spaces, pieces_to_char_tags
+from tasks.interval import IntervalMeans, log_due
 from tasks.optim import build_optimizer
 
 ENTITY_TYPES = ("PS", "LC", "OG", "DT", "TI", "QT")
@@ -48,11 +49,12 @@ class NerModule(pl.LightningModule):
                 "classifier_dropout": classifier_dropout,
                 "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
             },
-            logger=False,  # RunRecordCallback logs them, under module.*
+            logger=False,  # RunRecordCallback logs the config (model_config as model.*)
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
+        self.train_means = IntervalMeans(["loss"])
         self._reset_counts()
 
     def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -67,7 +69,9 @@ class NerModule(pl.LightningModule):
         loss = self.model.loss(
             batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
         )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.train_means.update({"loss": loss})
+        if log_due(self.trainer):  # the mean since the last log, not the last batch
+            self.log("train/loss", self.train_means.pop()["loss"], prog_bar=True)
         return loss
 
     def char_predictions(self, batch: Mapping[str, Any]) -> list[list[str]]:
