@@ -107,7 +107,7 @@ def test_fdr_run_reads_at_a_glance(fdr_run, mirror):
 
     tags = run.data.tags
     assert tags["overrides"].split()[:2] == ["data=petition_small", "debug=fdr"]
-    assert (tags["model"], tags["data"], tags["experiment"]) == ("tiny", "petition_small", "none")
+    assert (tags["model"], tags["data"], tags["experiment"]) == ("tiny", "petition_small", "first_run")
     assert (tags["stop_reason"], tags["final_step"]) == ("max_steps", "3")
     assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
 
@@ -199,7 +199,8 @@ def test_ddp_two_processes_one_run(cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
-    args = [*SMALL, "trainer.max_steps=300", "checkpoint_every_n_steps=5", "trainer.val_check_interval=20",
+    args = [*SMALL, "trainer.max_steps=300", "trainer.max_time=null", "checkpoint_every_n_steps=5",
+            "trainer.val_check_interval=20",
             "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
     proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
     deadline = time.time() + 240
