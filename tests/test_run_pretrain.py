@@ -200,10 +200,10 @@ def test_ddp_two_processes_one_run(cache_dir, tmp_path):
 @pytest.mark.slow
 def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
     args = [*SMALL, "trainer.max_steps=300", "trainer.max_time=null", "checkpoint_every_n_steps=5",
-            "trainer.val_check_interval=20",
+            "trainer.val_check_interval=50",
             "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
     proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
-    deadline = time.time() + 240
+    deadline = time.time() + 300
     last = plot = None
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "mlruns").rglob("last.ckpt"))
@@ -222,7 +222,7 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
     import torch
 
     ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir)
+    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir, timeout=600)
     check(resumed)
     (after,) = runs_of(tmp_path)
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
