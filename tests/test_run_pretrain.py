@@ -24,7 +24,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")  # the prepared corpus/tokenizer is shared by this module's runs
 
 
-def run_cli(script: str, args: list[str], workdir: Path, cache_dir: Path, timeout: int = 300, **popen):
+def run_cli(
+    script: str, args: list[str], workdir: Path, cache_dir: Path, timeout: int = 300, env_extra=None, **popen
+):
     """Run an entry point from an unrelated cwd, with every output under `workdir`."""
     cmd = [
         sys.executable, str(ROOT / script), *args,
@@ -32,7 +34,7 @@ def run_cli(script: str, args: list[str], workdir: Path, cache_dir: Path, timeou
         f"paths.checkpoint_dir={workdir}/checkpoints",
         f"hydra.run.dir={workdir}/out", f"hydra.sweep.dir={workdir}/multirun",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     if popen:
         return subprocess.Popen(
             cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -57,7 +59,9 @@ def check(proc) -> None:
 @pytest.fixture(scope="module")
 def fdr_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("fdr")
-    proc = run_cli("run.py", [*SMALL, "debug=fdr"], workdir, cache_dir)
+    # system metrics every second (default 10 s), so that a few-second run has some
+    proc = run_cli("run.py", [*SMALL, "debug=fdr"], workdir, cache_dir,
+                   env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # fmt: skip
     check(proc)
     return workdir, proc
 
@@ -222,7 +226,7 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
     import torch
 
     ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
-    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir, timeout=600)
+    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir, timeout=900)
     check(resumed)
     (after,) = runs_of(tmp_path)
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
