@@ -49,7 +49,6 @@ def train(cfg: DictConfig) -> float | None:
 
     run_name = f"{runner.choice('model')}-{runner.choice('data')}-{datetime.now():%m%d-%H%M%S}"
     logger = runner.build_logger(cfg, run_id, run_name)
-    module.mlflow_run_id = os.environ.get(runner.RUN_ID_ENV)
     callbacks = runner.build_callbacks(cfg, runner.checkpoint_dir(cfg, logger), monitor="val/loss")
     tags = {
         "git_commit": tracking.git_commit(ROOT),
@@ -59,7 +58,9 @@ def train(cfg: DictConfig) -> float | None:
     callbacks.append(runner.RunRecordCallback(cfg, tags, datamodule.tokenizer_dir, PLOT_PANELS))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **runner.lightning_load()
+    )
     runner.print_summary(trainer)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     metric = best if best is not None else trainer.callback_metrics.get("val/loss")

@@ -69,7 +69,9 @@ def train(cfg: DictConfig) -> float | None:
     callbacks.append(runner.RunRecordCallback(cfg, tags, encoder.tokenizer_dir, PLOT_PANELS))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    trainer.fit(
+        module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **runner.lightning_load()
+    )
     runner.test_on_one_device(cfg, trainer, module, datamodule, logger)
     if trainer.is_global_zero and getattr(module, "last_eval", None):
         write_report(cfg, module, logger)

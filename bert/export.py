@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from bert.checkpoint import checkpoint_kind, load_checkpoint
 from bert.model import BertConfig, BertForPreTraining, check_vocab, load_state_dict_checked
 
 # what transformers' save_pretrained leaves out: tied copies it re-creates at load time
@@ -88,12 +88,22 @@ def _check_tokenizer_vocab(config: BertConfig, tokenizer_json: Path) -> None:
 
 def load_pretraining_checkpoint(path: str | Path) -> tuple[BertForPreTraining, BertConfig, Path | None]:
     """Read a Lightning .ckpt of the pretraining module: ``state_dict`` under 'model.', and
-    ``hyper_parameters`` holding ``model_config`` (BertConfig fields) and ``tokenizer_dir`` (may be None)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # hyper_parameters saved as non-plain types (e.g. an OmegaConf node); our own file, so trusted
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ``hyper_parameters`` holding ``model_config`` (BertConfig fields) and ``tokenizer_dir`` (may be None).
+
+    Loaded with ``weights_only=True`` (bert.checkpoint): a file that would run code is refused, never run."""
+    ckpt = load_checkpoint(path)
+    kind = checkpoint_kind(ckpt)
+    if kind != "pretrain":
+        hint = (
+            "to tag text with it use `python -m tasks.tag <it>`"
+            if kind == "ner"
+            else f"continue it with `python run_finetune.py task={kind} ckpt_path=<it>`"
+        )
+        what = "not a checkpoint of this project" if kind == "unknown" else f"a fine-tuned {kind} checkpoint"
+        raise ValueError(
+            f"{path} is {what}: export takes a pretraining checkpoint (`python run.py`); {hint}"
+            + ("" if kind == "unknown" else ", or export the pretraining run it started from")
+        )
     hparams = ckpt.get("hyper_parameters") or {}
     if "model_config" not in hparams:
         raise ValueError(f"{path}: hyper_parameters lack 'model_config' (found {sorted(hparams)})")
@@ -132,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace out_dir if it exists")
     args = parser.parse_args(argv)
 
-    model, config, tokenizer_dir = load_pretraining_checkpoint(_resolve(args.checkpoint))
+    try:
+        model, config, tokenizer_dir = load_pretraining_checkpoint(_resolve(args.checkpoint))
+    except ValueError as err:  # wrong kind of checkpoint, or one that would run code: say so, no traceback
+        raise SystemExit(f"error: {err}") from None
     tokenizer_dir = args.tokenizer_dir or tokenizer_dir
     if tokenizer_dir is None:
         parser.error("the checkpoint records no tokenizer_dir: pass --tokenizer-dir")

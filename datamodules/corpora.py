@@ -224,6 +224,54 @@ def cache_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def cache_entry_ok(marker: Path, check: Callable[[], str | None]) -> bool:
+    """Whether a cache entry is complete (its marker, written last, exists) and intact (`check` finds no
+    problem). A damaged entry loses its marker, with a warning naming the file, so the caller rebuilds it:
+    a truncated or half-written file is never read as data."""
+    if not marker.is_file():
+        return False
+    try:
+        problem = check()
+    except (OSError, ValueError, KeyError, TypeError) as err:  # unreadable json / npy header
+        problem = f"{marker.parent}: {type(err).__name__}: {err}"
+    if problem is None:
+        return True
+    log.warning("cache entry damaged, rebuilding it: %s", problem)
+    marker.unlink(missing_ok=True)
+    return False
+
+
+def expect_size(path: Path, size: int) -> str | None:
+    """None when `path` has exactly `size` bytes, else what is wrong (naming the file)."""
+    if not path.is_file():
+        return f"{path} is missing"
+    actual = path.stat().st_size
+    return None if actual == size else f"{path} has {actual} bytes, its manifest promises {size}"
+
+
+def open_npy(path: Path) -> np.ndarray:
+    """np.load(mmap) whose error names the file (numpy says only `mmap length is greater than file size`)."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+
+
+def check_sentences(out_dir: Path) -> str | None:
+    """The sizes stats.json promises: the sentences file's bytes, the document index's rows."""
+    stats = json.loads((out_dir / "stats.json").read_text(encoding="utf-8"))
+    if "sentences_bytes" in stats:  # caches written before this check have no size: checked by rows only
+        problem = expect_size(out_dir / "sentences.txt", stats["sentences_bytes"])
+        if problem:
+            return problem
+    elif not (out_dir / "sentences.txt").is_file():
+        return f"{out_dir / 'sentences.txt'} is missing"
+    documents = open_npy(out_dir / "documents.npy")
+    if documents.shape != (stats["n_documents"], 4):
+        return f"{out_dir / 'documents.npy'} has shape {documents.shape}, stats.json promises ({stats['n_documents']}, 4)"
+    return None
+
+
 def sentences_key(fmt: str, splitter: str, digests: Iterable[str]) -> str:
     blob = json.dumps({"v": SENTENCES_VERSION, "format": fmt, "splitter": splitter, "inputs": list(digests)})
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -244,10 +292,10 @@ def prepare_sentences(
         raise ValueError(f"unknown corpus format {fmt!r}; choose one of {FORMATS}")
     names = names or [str(f) for f in files]
     out_dir = Path(cache_dir) / "sentences" / sentences_key(fmt, splitter, digests)
-    if (out_dir / "stats.json").is_file():
+    if cache_entry_ok(out_dir / "stats.json", lambda: check_sentences(out_dir)):
         return out_dir
     with cache_lock(out_dir.with_name(out_dir.name + ".lock")):
-        if (out_dir / "stats.json").is_file():  # another process finished it while we waited
+        if cache_entry_ok(out_dir / "stats.json", lambda: check_sentences(out_dir)):  # finished meanwhile
             return out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_sentences(files, fmt, out_dir, digests, splitter, names, kiwi_workers, batch_chars)
@@ -310,6 +358,7 @@ def _write_sentences(files, fmt, out_dir, digests, splitter_name, names, kiwi_wo
         "n_documents": len(documents),
         "n_sentences": int(index[:, 1].sum()) if len(documents) else 0,
         "n_lines": n_lines,
+        "sentences_bytes": (out_dir / "sentences.txt").stat().st_size,
         "single_sentence_documents": n_single,
         "skipped": skips.to_json(),
     }

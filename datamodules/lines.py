@@ -75,6 +75,7 @@ def build_offsets_index(path: Path, index_path: Path | None = None) -> Path:
     identity = _file_identity(path)
     try:
         if json.loads(meta_path.read_text()) == identity and index_path.is_file():
+            np.load(index_path, mmap_mode="r")  # a truncated .npy raises here: rebuilt below, never read
             return index_path
     except (OSError, ValueError):
         pass

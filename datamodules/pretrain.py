@@ -37,7 +37,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.corpora import SentenceCorpus, cache_lock, prepare_sentences
+from datamodules.corpora import (
+    SentenceCorpus,
+    cache_entry_ok,
+    cache_lock,
+    expect_size,
+    open_npy,
+    prepare_sentences,
+)
 from datamodules.download import cached_sha256, fetch, publish, resolve_path
 from datamodules.instances import (
     PLAN_COLUMNS,
@@ -52,6 +59,7 @@ log = logging.getLogger(__name__)
 
 TOKENS_VERSION = 1
 PLAN_VERSION = 1
+PLAN_SHA256_MAX_BYTES = 64 << 20  # plans up to this size get a checksum, verified before training
 SPLITS = ("train", "val", "test")
 _SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
 DEFAULT_SPLITTER = {"petitions": "kiwi", "namuwiki": "rule"}
@@ -81,10 +89,10 @@ def tokenize_corpus(corpus_dir: Path, tokenizer, cache_dir: Path, batch_lines: i
     tokenizer_hash = hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:20]
     key = _digest({"v": TOKENS_VERSION, "corpus": Path(corpus_dir).name, "tokenizer": tokenizer_hash})
     out_dir = Path(cache_dir) / "tokens" / key
-    if (out_dir / "meta.json").is_file():
+    if cache_entry_ok(out_dir / "meta.json", lambda: check_tokens(out_dir)):
         return out_dir
     with cache_lock(out_dir.with_name(out_dir.name + ".lock")):
-        if (out_dir / "meta.json").is_file():
+        if cache_entry_ok(out_dir / "meta.json", lambda: check_tokens(out_dir)):
             return out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
         vocab_size = tokenizer.get_vocab_size()
@@ -141,6 +149,36 @@ def tokenize_corpus(corpus_dir: Path, tokenizer, cache_dir: Path, batch_lines: i
     return out_dir
 
 
+def check_tokens(tokens_dir: Path) -> str | None:
+    """The sizes meta.json promises: n_tokens ids in tokens.bin, n_lines + 1 offsets ending at n_tokens."""
+    tokens_dir = Path(tokens_dir)
+    meta = json.loads((tokens_dir / "meta.json").read_text())
+    problem = expect_size(tokens_dir / "tokens.bin", meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize)
+    if problem:
+        return problem
+    offsets = open_npy(tokens_dir / "line_offsets.npy")  # a truncated .npy raises ValueError
+    if offsets.shape != (meta["n_lines"] + 1,) or int(offsets[-1]) != meta["n_tokens"]:
+        return f"{tokens_dir / 'line_offsets.npy'} does not match meta.json (n_lines, n_tokens)"
+    return None
+
+
+def check_plan(path: Path, meta_path: Path) -> str | None:
+    """The size the plan's manifest promises, and its sha256 where one was recorded (small plans)."""
+    meta = json.loads(meta_path.read_text())
+    problem = expect_size(path, meta["n_instances"] * len(PLAN_COLUMNS) * np.dtype(np.int64).itemsize)
+    if problem is None and meta.get("sha256") and _file_sha256(path) != meta["sha256"]:
+        problem = f"{path}: sha256 differs from the one in {meta_path.name}"
+    return problem
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_tokens(tokens_dir: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     meta = json.loads((Path(tokens_dir) / "meta.json").read_text())
     tokens = np.memmap(
@@ -183,10 +221,10 @@ def build_plan(
     key = _digest(spec)
     path = Path(cache_dir) / "plans" / f"{key}.bin"
     meta_path = path.with_suffix(".json")
-    if meta_path.is_file():
+    if cache_entry_ok(meta_path, lambda: check_plan(path, meta_path)):
         return path, json.loads(meta_path.read_text())
     with cache_lock(path.with_suffix(".lock")):
-        if meta_path.is_file():
+        if cache_entry_ok(meta_path, lambda: check_plan(path, meta_path)):
             return path, json.loads(meta_path.read_text())
         _, line_offsets, _ = load_tokens(tokens_dir)
         documents = np.load(Path(corpus_dir) / "documents.npy", mmap_mode="r")
@@ -219,10 +257,22 @@ def build_plan(
             Path(tmp).unlink(missing_ok=True)
             raise
         meta = {"n_instances": n_rows, "copy_instances": copy_instances, "columns": list(PLAN_COLUMNS), **stats}
+        if path.stat().st_size <= PLAN_SHA256_MAX_BYTES:  # cheap enough to verify at every start
+            meta["sha256"] = _file_sha256(path)
         meta_tmp = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
         meta_tmp.write_text(json.dumps(meta))
         publish(meta_tmp, meta_path)
     return path, meta
+
+
+def check_tokenizer(tokenizer_json: Path) -> str | None:
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(tokenizer_json))
+    except Exception as err:  # tokenizers raises its own Exception type on a cut file
+        return f"{tokenizer_json} does not load ({err})"
+    return None
 
 
 def split_documents(n_documents: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -627,10 +677,11 @@ class PretrainDataModule(pl.LightningDataModule):
             model_max_length=self.max_seq_len,
         )
         out_dir = self.cache_dir / "tokenizers" / f"{fingerprint}-{train_corpus.name[:12]}"
-        if (out_dir / "tokenizer.json").is_file():
+        marker = out_dir / "tokenizer.json"
+        if cache_entry_ok(marker, lambda: check_tokenizer(marker)):
             return out_dir
         with cache_lock(out_dir.with_name(out_dir.name + ".lock")):
-            if (out_dir / "tokenizer.json").is_file():
+            if cache_entry_ok(marker, lambda: check_tokenizer(marker)):
                 return out_dir
             corpus = SentenceCorpus(train_corpus, self.reader)
             texts = tokenizer_sample(

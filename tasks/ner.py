@@ -42,6 +42,7 @@ class NerModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(
             {
+                "task": "ner",  # what the checkpoint is (tasks.checkpoints)
                 "model_config": dict(model_config),
                 "labels": list(labels),
                 "optim": dict(optim),

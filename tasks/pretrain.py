@@ -31,7 +31,12 @@ class PretrainModule(pl.LightningModule):
         super().__init__()
         # model_config and tokenizer_dir travel inside every checkpoint: export and fine-tuning rebuild from them.
         self.save_hyperparameters(
-            {"model_config": dict(model_config), "optim": dict(optim), "tokenizer_dir": tokenizer_dir},
+            {
+                "task": "pretrain",  # what the checkpoint is (tasks.checkpoints)
+                "model_config": dict(model_config),
+                "optim": dict(optim),
+                "tokenizer_dir": tokenizer_dir,
+            },
             logger=False,  # RunRecordCallback logs the config (model_config as model.*)
         )
         self.model = BertForPreTraining(BertConfig(**dict(model_config)))
@@ -39,9 +44,10 @@ class PretrainModule(pl.LightningModule):
         self.val_mlm_loss = MeanMetric()  # weighted by masked tokens, so perplexity is per token
         self.train_means = IntervalMeans(list(TRAIN_KEYS))
         self._step_start: float | None = None
+        self._batch_tokens = 0
+        self.tokens_seen = 0  # non-pad tokens trained on, all ranks; saved in checkpoints (budgets, resume)
         self._interval_tokens = 0.0
         self._interval_seconds = 0.0
-        self.mlflow_run_id: str | None = None
 
     def configure_model(self) -> None:
         if self._compile:
@@ -73,6 +79,9 @@ class PretrainModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_start = time.perf_counter()
+        # counted here, before callbacks' on_train_batch_end, so a budget saved after this batch includes it
+        self._batch_tokens = int(batch["attention_mask"].sum()) * self.trainer.world_size
+        self.tokens_seen += self._batch_tokens
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model_step(batch)
@@ -87,7 +96,7 @@ class PretrainModule(pl.LightningModule):
         if self._step_start is None:
             return
         self._interval_seconds += time.perf_counter() - self._step_start  # forward + backward + optimizer step
-        self._interval_tokens += batch["attention_mask"].sum().item() * self.trainer.world_size
+        self._interval_tokens += self._batch_tokens  # counted in on_train_batch_start, all ranks
         if log_due(self.trainer):
             rate = self._interval_tokens / max(self._interval_seconds, 1e-9)
             self.log("train/tokens_per_s", rate, prog_bar=True)
@@ -112,5 +121,8 @@ class PretrainModule(pl.LightningModule):
         return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Resuming from a bare path continues the same MLflow run.
-        checkpoint["mlflow_run_id"] = self.mlflow_run_id
+        # (the MLflow run id is stamped by tasks.runner.RunIdStamp, for every module)
+        checkpoint["tokens_seen"] = int(self.tokens_seen)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint.get("tokens_seen", 0))

@@ -12,8 +12,10 @@ from urllib.parse import urlparse
 
 import pytorch_lightning as pl
 import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import (
+    Checkpoint,
     EarlyStopping,
     ModelCheckpoint,
     RichModelSummary,
@@ -21,10 +23,10 @@ from pytorch_lightning.callbacks import (
     Timer,
 )
 from pytorch_lightning.loggers import MLFlowLogger
-from pytorch_lightning.trainer.states import TrainerStatus
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from tasks import tracking
+from tasks import checkpoints, tracking
 from tasks.summary import RunSummary, banner
 
 log = logging.getLogger(__name__)
@@ -74,12 +76,25 @@ def choice(group: str) -> str:
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    return {
-        "hyper_parameters": ckpt.get("hyper_parameters", {}),
-        "mlflow_run_id": ckpt.get("mlflow_run_id"),
-        "global_step": ckpt.get("global_step"),
-    }
+    """Kind, hyperparameters, MLflow run id and step of a checkpoint, read safely (tasks.checkpoints)."""
+    return checkpoints.meta(path)
+
+
+def expected_kind(cfg: DictConfig) -> str:
+    """The checkpoint kind this entry point resumes: "pretrain" for run.py, the task name for fine-tuning."""
+    task = cfg.get("task")
+    return str(task.name) if isinstance(task, DictConfig) and task.get("name") else "pretrain"
+
+
+def _check_resumable(cfg: DictConfig, path: Path) -> dict[str, Any]:
+    info = read_checkpoint_meta(path)  # refuses a file that would run code, naming it
+    expected = expected_kind(cfg)
+    if info["kind"] != expected:
+        raise ValueError(
+            f"ckpt_path={path} is {checkpoints.describe(info['kind'])}. ckpt_path continues a {expected} run "
+            "from its own checkpoint"
+        )
+    return info
 
 
 def resolve_resume(cfg: DictConfig) -> tuple[Path | None, str | None]:
@@ -93,13 +108,14 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, str | None]:
                 "ckpt_path=last looks up the newest MLflow run; it needs a logger (not logger=none)"
             )
         run_id, path = tracking.find_resumable_run(cfg.logger.tracking_uri, cfg.logger.experiment_name)
+        _check_resumable(cfg, path)
         return path, run_id
     path = Path(str(ref))
     if not path.is_absolute():
         path = Path(cfg.paths.root_dir) / path
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ref}: no such checkpoint file ({path})")
-    return path, read_checkpoint_meta(path).get("mlflow_run_id")
+    return path, _check_resumable(cfg, path).get("mlflow_run_id")
 
 
 def check_checkpoint_vocab(path: Path | None, vocab_size: int) -> None:
@@ -134,10 +150,14 @@ def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLo
         artifact_location = None
     if str(cfg.logger.tracking_uri).startswith("sqlite:"):
         tracking.ensure_store(cfg.logger.tracking_uri, cfg.logger.get("artifact_location"))
+    tags = {str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}
+    if cfg.logger.get("parent_run_id"):  # nested under a study's parent run (tasks/study.py)
+        tags["mlflow.parentRunId"] = str(cfg.logger.parent_run_id)
     logger = MLFlowLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or run_name,
         tracking_uri=cfg.logger.tracking_uri,
+        tags=tags or None,  # set when the run is created (not on resume)
         artifact_location=artifact_location,
         run_id=run_id,
         log_model=False,  # checkpoints already live in the run's artifact folder; no second copy
@@ -179,7 +199,140 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
         save_last=True,
         enable_version_counter=False,
     )
-    return [best, last, ProgressBar(leave=True), ModelSummary()]
+    callbacks: list[pl.Callback] = [
+        best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ProgressBar(leave=True), ModelSummary(),
+    ]
+    budgets = budget_callback(cfg, ckpt_dir)
+    if budgets is not None:
+        callbacks.append(budgets)
+    return callbacks
+
+
+lightning_load = checkpoints.lightning_load  # kwargs for Trainer.fit/test(ckpt_path=...): weights_only=True
+
+
+class RunIdStamp(pl.Callback):
+    """Writes the MLflow run id into every checkpoint, so `ckpt_path=<file>` continues the same run."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        run_id = getattr(trainer.logger, "run_id", None) or os.environ.get(RUN_ID_ENV)
+        checkpoint["mlflow_run_id"] = run_id
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint to a temp file beside it and renames it into place: a run killed while saving
+    leaves the previous file whole, never a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def stop_reason(trainer: pl.Trainer) -> str:
+    """Why fit stopped: sigterm, interrupted, error, max_steps, max_time, early_stop, max_epochs or finished.
+
+    Read by FinalCheckpoint (tags `stop_reason`, `final_step`) and by anything summarising a run."""
+    final = next((cb for cb in trainer.callbacks if isinstance(cb, FinalCheckpoint)), None)
+    if final is not None and final.reason is not None:
+        return final.reason
+    return _reason_now(trainer)
+
+
+def _reason_now(trainer: pl.Trainer, exception: BaseException | None = None) -> str:
+    if isinstance(exception, SIGTERMException) or trainer.received_sigterm:
+        return "sigterm"
+    if isinstance(exception, KeyboardInterrupt):
+        return "interrupted"
+    if exception is not None:
+        return "error"
+    if trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+        return "max_steps"
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    if timer is not None and timer.time_remaining() is not None and timer.time_remaining() <= 0:
+        return "max_time"
+    early = next((cb for cb in trainer.callbacks if isinstance(cb, EarlyStopping)), None)
+    if early is not None and (early.stopped_epoch > 0 or trainer.should_stop):
+        return "early_stop"
+    if trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch:
+        return "max_epochs"
+    return "finished"
+
+
+class FinalCheckpoint(Checkpoint):
+    """Saves the state a run stops at into `last.ckpt`, whatever stopped it, and tags the MLflow run with
+    `stop_reason` and `final_step`.
+
+    Lightning's ModelCheckpoint(save_last) saves only every N steps or at validation, so a run stopped by
+    max_time/max_steps/SIGTERM lost the steps since. The save happens at the end of the batch the stop was
+    decided in (Timer and the SIGTERM handler set their flags by then), the same point ModelCheckpoint saves
+    at, so `ckpt_path=last` continues with the next batch: nothing replayed, nothing skipped. A Checkpoint
+    subclass runs after the other callbacks (Lightning orders checkpoint callbacks last), so after Timer.
+    SIGTERM follows Lightning's SLURM handling: its handler sets `trainer.received_sigterm`, the loop raises
+    SIGTERMException after the batch, and the job can be requeued and resumed with `ckpt_path=last`.
+    KeyboardInterrupt (and a SIGTERM during validation) is saved from `on_exception`, mid-batch: that
+    batch is then not trained on resume.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike, filename: str = "last.ckpt") -> None:
+        self.path = Path(dirpath) / filename
+        self.saved_step: int | None = None
+        self.reason: str | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # every checkpoint, not only ours
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self.saved_step, self.reason = None, None
+
+    def _stopping(self, trainer: pl.Trainer) -> bool:
+        stop = bool(trainer.should_stop or trainer.received_sigterm)
+        stop = stop or (trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step)
+        if trainer.world_size > 1:  # a signal may reach one rank only; saving is collective
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        return stop
+
+    def _save(self, trainer: pl.Trainer) -> None:
+        if self.saved_step == trainer.global_step:
+            return
+        trainer.save_checkpoint(self.path)  # atomic through AtomicCheckpointIO
+        self.saved_step = trainer.global_step
+        log.info("saved the final state (step %d) to %s", trainer.global_step, self.path)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if self._stopping(trainer):
+            self._save(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer)  # e.g. early stopping decided at validation: no-op when already saved
+        self._record(trainer, _reason_now(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        reason = _reason_now(trainer, exception)
+        if reason in ("sigterm", "interrupted") and trainer.state.fn == "fit":
+            self._save(trainer)
+        self._record(trainer, reason)
+
+    def _record(self, trainer: pl.Trainer, reason: str) -> None:
+        self.reason = reason
+        if trainer.is_global_zero and isinstance(trainer.logger, MLFlowLogger):
+            tracking.set_tags(trainer.logger, {"stop_reason": reason, "final_step": trainer.global_step})
+
+
+def budget_callback(cfg: DictConfig, ckpt_dir: Path) -> pl.Callback | None:
+    """Kept pretraining checkpoints (`keep_checkpoints_at_steps`, `checkpoint_every_minutes`): only configs
+    that name these keys (conf/pretrain.yaml) get them, so fine-tuning runs never do."""
+    at_steps = list(cfg.get("keep_checkpoints_at_steps") or [])
+    every = cfg.get("checkpoint_every_minutes")
+    if not at_steps and not every:
+        return None
+    from tasks.budgets import BudgetCheckpoints
+
+    return BudgetCheckpoints(ckpt_dir, at_steps, every, at_end=bool(cfg.get("budget_at_end", True)))
 
 
 class ModelSummary(RichModelSummary):
@@ -220,22 +373,6 @@ class ProgressBar(RichProgressBar):
             return super()._get_train_description(current_epoch)
         description = f"Epoch {current_epoch}"
         return f"{description:{len(self.validation_description)}}"
-
-
-def stop_reason(trainer: pl.Trainer, exception: BaseException | None = None) -> str:
-    """Why fit ended: interrupted | error | early_stop | max_steps | max_time | max_epochs | finished."""
-    if exception is not None or trainer.state.status == TrainerStatus.INTERRUPTED:
-        return "interrupted" if exception is None or isinstance(exception, KeyboardInterrupt) else "error"
-    if any(isinstance(cb, EarlyStopping) and cb.stopped_epoch > 0 for cb in trainer.callbacks):
-        return "early_stop"
-    if trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps:
-        return "max_steps"
-    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-    if timer is not None and timer._duration is not None and timer.time_elapsed("train") >= timer._duration:
-        return "max_time"
-    if trainer.max_epochs not in (None, -1) and trainer.current_epoch >= trainer.max_epochs:
-        return "max_epochs"
-    return "finished"
 
 
 class RunRecordCallback(pl.Callback):
@@ -362,7 +499,7 @@ class RunRecordCallback(pl.Callback):
 
     @rank_zero_only
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._finish(trainer, stop_reason(trainer, exception))
+        self._finish(trainer, _reason_now(trainer, exception))  # runs before FinalCheckpoint records it
         if self.summary is not None:  # Lightning exits right after an interrupt: print it now
             print(summary_banner(self.summary))
 
@@ -389,10 +526,9 @@ class RunRecordCallback(pl.Callback):
         )
         if logger is None:
             return
-        tags = {"stop_reason": reason, "final_step": int(trainer.global_step)}
-        if best_path:
+        tags = {"mlflow.note.content": self.summary.text()}  # the run's description in the UI
+        if best_path:  # stop_reason and final_step: tagged by FinalCheckpoint
             tags["best_ckpt"] = best_path
-        tags["mlflow.note.content"] = self.summary.text()  # the run's description in the UI
         tracking.set_tags(logger, tags)
         self.log_plots(trainer)
 
@@ -461,15 +597,19 @@ def tokenizer_dir_of(path: Path, hparams: Mapping[str, Any]) -> Path:
 
 
 def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
-    """A pretraining checkpoint path or MLflow run id -> its model config, tokenizer and encoder weights."""
-    path = tracking.resolve_checkpoint(ref, tracking_uri)
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    hparams = ckpt.get("hyper_parameters", {})
-    if "model_config" not in hparams:
-        raise ValueError(f"{path} is not a pretraining checkpoint of this project (no model_config in it)")
-    state = None
-    if with_weights:
-        state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    """A checkpoint path or MLflow run id -> its model config, tokenizer and encoder weights.
+
+    A pretraining checkpoint gives its encoder (and heads, dropped by the task module); a fine-tuned one (NER,
+    a sentence task) gives its encoder, without the task head."""
+    path = checkpoints.resolve(ref, tracking_uri)
+    ckpt = checkpoints.load(path)
+    kind = checkpoints.checkpoint_kind(ckpt)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if kind == "unknown" or "model_config" not in hparams:
+        raise ValueError(f"pretrained={ref}: {path} is {checkpoints.describe(kind)}")
+    if kind != "pretrain":
+        log.warning("pretrained=%s is %s: starting from its encoder, without its task head", ref, kind)
+    state = checkpoints.encoder_state(ckpt, path) if with_weights else None
     run_id = None if Path(str(ref)).is_file() else str(ref)
     return Encoder(
         dict(hparams["model_config"]),
@@ -480,10 +620,38 @@ def load_encoder(ref: str, tracking_uri: str, with_weights: bool) -> Encoder:
     )
 
 
+def load_hf_encoder(ref: str, cache_dir: Path, with_weights: bool) -> Encoder:
+    """`hf:<folder>`: a local transformers BERT folder (bert/convert.py). Its tokenizer is written once to
+    `<cache_dir>/hf-tokenizers/<hash>/tokenizer.json`, the form our datamodules load."""
+    import hashlib
+
+    from bert.convert import load_hf_folder, save_tokenizer_json
+
+    folder = load_hf_folder(ref, with_weights=with_weights)
+    tokenizer_json = folder.tokenizer.to_str()
+    key = hashlib.sha256(tokenizer_json.encode("utf-8")).hexdigest()[:16]
+    tokenizer_dir = Path(cache_dir) / "hf-tokenizers" / key
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        save_tokenizer_json(folder.tokenizer, tokenizer_dir)
+    return Encoder(
+        folder.config.to_dict(),
+        tokenizer_dir,
+        folder.state_dict if with_weights else None,
+        folder.folder,
+        None,
+    )
+
+
 def resolve_encoder(cfg: DictConfig) -> Encoder:
-    """`pretrained`: a checkpoint, a run id, `newest` (newest finished pretraining run) or null (scratch, copying
-    shape and tokenizer from `scratch_like`, else the `model` preset + `tokenizer_dir`)."""
+    """`pretrained`: a checkpoint, a run id, `newest` (newest finished pretraining run), `hf:<folder>` (a local
+    transformers BERT folder) or null (scratch, copying shape and tokenizer from `scratch_like`, which takes the
+    same forms, else the `model` preset + `tokenizer_dir`)."""
+    from bert.convert import is_hf_ref
+
     uri = cfg.logger.tracking_uri if cfg.get("logger") else tracking.default_tracking_uri()
+    if is_hf_ref(cfg.get("pretrained")) or (cfg.get("pretrained") is None and is_hf_ref(cfg.get("scratch_like"))):
+        ref = cfg.pretrained if cfg.get("pretrained") is not None else cfg.scratch_like
+        return load_hf_encoder(str(ref), Path(cfg.paths.cache_dir), with_weights=cfg.get("pretrained") is not None)
     how_to = "pretrain one first with `python run.py` (see README), or pass pretrained=<ckpt|run id>"
 
     def newest() -> str:
@@ -518,10 +686,10 @@ def test_on_one_device(
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = best if best and Path(best).is_file() else None
     if trainer.world_size == 1:
-        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+        trainer.test(module, datamodule=datamodule, ckpt_path=ckpt, **checkpoints.lightning_load())
         return
     if not trainer.is_global_zero:
         return
     single = pl.Trainer(accelerator=trainer.accelerator.__class__.__name__.replace("Accelerator", "").lower(),
                         devices=1, logger=logger or False, enable_checkpointing=False)  # fmt: skip
-    single.test(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=False)
+    single.test(module, datamodule=datamodule, ckpt_path=ckpt, **checkpoints.lightning_load())

@@ -17,7 +17,7 @@ DEFAULT_UI = "http://127.0.0.1:5000"  # where `mlflow ui` listens by default
 @dataclass
 class RunSummary:
     task: str  # "pretrain", "finetune-ner", ...
-    stop_reason: str  # max_steps | max_time | max_epochs | early_stop | interrupted | error | finished
+    stop_reason: str  # tasks.runner.stop_reason: max_steps | max_time | early_stop | sigterm | interrupted ...
     final_step: int
     monitor: str | None = None
     best_value: float | None = None
@@ -53,7 +53,7 @@ class RunSummary:
             ]
         else:
             follow = [f'python -m tasks.tag {ref} "이순신은 1545년 서울에서 태어났다."   # tag a sentence']
-        if self.stop_reason in ("interrupted", "error", "max_time") and self.run_id:
+        if self.stop_reason in ("interrupted", "sigterm", "error", "max_time") and self.run_id:
             script = "run.py" if self.task == "pretrain" else "run_finetune.py"
             follow.insert(0, f"python {script} <same overrides> ckpt_path=last   # continue this run")
         return [*self.ui_commands(), *follow]

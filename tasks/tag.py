@@ -9,14 +9,14 @@ import torch
 
 from bert.ner import tag_texts
 from bert.tokenizer import load_tokenizer
+from tasks import checkpoints
 from tasks.ner import NerModule
 from tasks.runner import tokenizer_dir_of
-from tasks.tracking import resolve_checkpoint
 
 
 def load_tagger(ref: str) -> tuple[NerModule, object]:
-    path = resolve_checkpoint(ref)
-    module = NerModule.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    path = checkpoints.resolve(ref)
+    module = checkpoints.module_from(path, NerModule, "ner")  # loaded safely; says so if it is not NER
     tokenizer = load_tokenizer(tokenizer_dir_of(path, module.hparams))
     return module, tokenizer
 
@@ -27,7 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("text", nargs="*", help="sentences (default: one per line on stdin)")
     args = parser.parse_args(argv)
     texts = args.text or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    module, tokenizer = load_tagger(args.model)
+    try:
+        module, tokenizer = load_tagger(args.model)
+    except (ValueError, FileNotFoundError) as err:  # wrong kind, or a file that would run code: no traceback
+        raise SystemExit(f"error: {err}") from None
     torch.set_grad_enabled(False)
     for text, entities in zip(texts, tag_texts(module.model, tokenizer, texts, module.labels)):
         print(text)

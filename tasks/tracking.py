@@ -127,7 +127,8 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 # Config leaves that locate files on this machine (or name the run's store): config.yaml keeps them, params not.
 PATH_LEAVES = {"mirror", "data_dir", "cache_dir", "tokenizer_path", "tokenizer_dir", "output_dir", "ckpt_path"}
 NOT_PARAMS = {"hydra", "paths", "logger.tracking_uri", "logger.artifact_location", "logger.experiment_name",
-              "logger.run_name", "data.files", "task.data.file", "task.data.files"}  # fmt: skip
+              "logger.run_name", "logger.parent_run_id", "logger.tags",  # the run's place and tags, not settings
+              "data.files", "task.data.file", "task.data.files"}  # fmt: skip
 _REFERENCE = re.compile(r"^\$\{[\w.]+\}$")  # `${seed}`: the same value as another key, not a setting of its own
 
 

@@ -178,7 +178,7 @@ def write_fake_checkpoint(path: Path, model: BertForPreTraining, config: BertCon
     return path
 
 
-@pytest.mark.parametrize("tokenizer_dir_type", [str, Path])  # a Path needs the weights_only=False fallback
+@pytest.mark.parametrize("tokenizer_dir_type", [str, Path])  # older files stored a Path: allowed, harmless
 def test_load_pretraining_checkpoint(model, config, tokenizer_dir, tmp_path, tokenizer_dir_type):
     ckpt = write_fake_checkpoint(tmp_path / "last.ckpt", model, config, tokenizer_dir_type(tokenizer_dir))
     loaded, loaded_config, loaded_tokenizer_dir = load_pretraining_checkpoint(ckpt)

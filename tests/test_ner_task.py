@@ -126,3 +126,11 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
     )  # fmt: skip
     check(out)
     assert out.stdout.startswith("이순신은 1545년 서울에서 태어났다.")
+
+    # exporting the fine-tuning run says what it is and which command takes it (not a key dump)
+    out = subprocess.run(
+        [sys.executable, "-m", "bert.export", pretrained.data.tags["best_ckpt"], str(workdir / "hf")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode != 0 and "fine-tuned ner checkpoint" in out.stderr and "tasks.tag" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -59,8 +59,9 @@ def check(proc) -> None:
 @pytest.fixture(scope="module")
 def fdr_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("fdr")
-    # system metrics every second (default 10 s), so that a few-second run has some
-    proc = run_cli("run.py", [*SMALL, "debug=fdr"], workdir, cache_dir,
+    # budgets at steps 1 and 2, and at the end (step 3): test_budget_checkpoints_are_kept; system metrics every
+    # second (default 10 s), so that a few-second run has some
+    proc = run_cli("run.py", [*SMALL, "debug=fdr", "keep_checkpoints_at_steps=[1,2]"], workdir, cache_dir,
                    env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # fmt: skip
     check(proc)
     return workdir, proc
@@ -136,6 +137,32 @@ def test_fdr_run_reads_at_a_glance(fdr_run, mirror):
         assert text in note, (text, note)
     noise = ("set_vital", "LeafSpec", "litlogger", "FLOPs")
     assert not [n for n in noise if n in proc.stdout + proc.stderr]
+
+
+def test_budget_checkpoints_are_kept(fdr_run):
+    import torch
+
+    from tasks.budgets import read_budgets
+
+    workdir, _ = fdr_run
+    (run,) = runs_of(workdir)
+    ckpt_dir = Path(run.data.tags["last_ckpt"]).parent
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    recorded = json.loads((artifacts / "budgets.json").read_text())
+    assert [b["step"] for b in recorded] == [1, 2, 3]  # the two asked for, and the end of training
+    assert [b["reason"] for b in recorded] == ["step", "step", "end"]
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.name.startswith(("budget", ".budget"))) == [
+        "budget-step1.ckpt", "budget-step2.ckpt", "budget-step3.ckpt"]  # fmt: skip  # no temp file left
+    # tokens seen = non-pad tokens of every batch trained on; minutes grow; both stored in each checkpoint
+    batch, seq = int(run.data.params["data.batch_size"]), int(run.data.params["data.max_seq_len"])
+    tokens = [b["tokens"] for b in recorded]
+    assert 0 < tokens[0] <= batch * seq and all(0 < b - a <= batch * seq for a, b in zip(tokens, tokens[1:]))
+    assert all(a["minutes"] <= b["minutes"] for a, b in zip(recorded, recorded[1:]))
+    from_files = read_budgets(ckpt_dir)  # weights_only=True: the checkpoints hold plain types only
+    assert [(b["step"], b["tokens"]) for b in from_files] == [(b["step"], b["tokens"]) for b in recorded]
+    one, two = (torch.load(ckpt_dir / f"budget-step{s}.ckpt", weights_only=True)["state_dict"] for s in (1, 2))
+    key = "model.bert.embeddings.word_embeddings.weight"
+    assert not torch.equal(one[key], two[key])  # kept, not overwritten by later steps
 
 
 def test_checkpoint_exports_to_transformers(fdr_run, tmp_path):
@@ -225,7 +252,7 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
 
     import torch
 
-    ckpt_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
+    ckpt_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir, timeout=900)
     check(resumed)
     (after,) = runs_of(tmp_path)
@@ -318,3 +345,48 @@ def test_remote_mlflow_server_and_local_ui(fdr_run, cache_dir, tmp_path):
     finally:
         os.killpg(ui.pid, signal.SIGTERM)
         ui.wait(timeout=30)
+
+
+def _logged_steps(workdir: Path, run_id: str, after_ms: float = 0) -> list[int]:
+    history = client_for(workdir).get_metric_history(run_id, "train/mlm_loss")
+    return sorted(m.step for m in history if m.timestamp > after_ms)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["sigterm", "max_time"])
+def test_stop_saves_the_last_step_and_resume_continues_it(cache_dir, tmp_path, stop):
+    """SIGTERM mid-epoch (as SLURM preempts) or max_time: last.ckpt holds the last trained step, the run is
+    tagged with why it stopped, and ckpt_path=last continues at the next step, replaying nothing."""
+    args = [*SMALL, "trainer.max_steps=400", "checkpoint_every_n_steps=1000", "trainer.val_check_interval=1000",
+            "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
+    if stop == "max_time":
+        check(run_cli("run.py", [*args, "trainer.max_time=00:00:00:20"], tmp_path, cache_dir))
+    else:
+        proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            runs = runs_of(tmp_path)
+            if runs and len(_logged_steps(tmp_path, runs[0].info.run_id)) >= 10:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "run ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=120)
+    stopped_ms = time.time() * 1000
+    (run,) = runs_of(tmp_path)
+    tags = run.data.tags
+    logged = _logged_steps(tmp_path, run.info.run_id)
+
+    import torch
+
+    ckpt_step = torch.load(tags["last_ckpt"], map_location="cpu", weights_only=True)["global_step"]
+    assert ckpt_step == logged[-1] + 1 < 400  # the step after the last logged one: nothing lost
+    assert tags["stop_reason"] == stop and int(tags["final_step"]) == ckpt_step
+
+    resumed = run_cli("run.py", [*args, "ckpt_path=last", "trainer.max_steps=" + str(ckpt_step + 5)], tmp_path,
+                      cache_dir)  # fmt: skip
+    check(resumed)
+    (after,) = runs_of(tmp_path)
+    assert after.info.run_id == run.info.run_id
+    assert _logged_steps(tmp_path, run.info.run_id, stopped_ms) == list(range(ckpt_step, ckpt_step + 5))
+    assert after.data.tags["stop_reason"] == "max_steps"

@@ -1,0 +1,528 @@
+"""How much does pretraining buy? Fine-tune every budget checkpoint of a pretraining run on every task.
+
+    python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|1000,3500]
+        [seeds=3] [lrs=3e-4,1e-3] [arms=hf:<folder>,...] [scratch=true] [extra_args="trainer.max_epochs=6"]
+        [out_dir=...] [dry_run=false]
+
+Arms: scratch (random init, same shape and tokenizer: the 0-minute point), each budget checkpoint the run kept
+(`keep_checkpoints_at_steps` / `checkpoint_every_minutes` in pretraining), and any `hf:<folder>` transformers
+BERT as a named row. Each arm is fine-tuned on each task with the task's standard recipe (conf/task/<task>.yaml
++ conf/finetune.yaml + `extra_args`) at every learning rate in `lrs` and every seed; per arm and task, the
+learning rate with the best mean validation monitor over seeds is chosen, and its test metric is reported as
+mean ± sample std over seeds. A researcher would choose the learning rate the same way for each arm, so a
+pretrained checkpoint and a random init are each compared at their own best one (PITFALLS: they differ).
+
+Every fine-tuning run is a plain `python run_finetune.py task=... pretrained=... seed=... optim.lr=...`
+subprocess, nested in MLflow under one parent run of experiment `study` (tag `mlflow.parentRunId`), and tagged
+`study_key`: a hash of what determines its result (task, the arm's checkpoint hash, seed, lr, recipe
+overrides). Re-running the command skips every run whose key already FINISHED, so an interrupted study resumes.
+`extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
+The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
+task) and `study.json` (every run's numbers); the table is also printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("BERT_PROJECT_ROOT", str(ROOT))
+
+EXPERIMENT = "study"
+KEY_VERSION = 1  # bump when the meaning of a key changes, so old runs are not taken for new ones
+ALL_TASKS = ("ner", "nli", "sts", "topic")
+TEST_METRIC = {"ner": "test/entity_f1_macro", "nli": "test/accuracy", "sts": "test/pearson", "topic": "test/f1_macro"}
+NOT_RECIPE = ("paths.", "hydra.", "logger.", "+paths.", "+hydra.", "+logger.")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# what is run
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One starting point: scratch, a budget checkpoint, or a transformers folder."""
+
+    name: str
+    kind: str  # "scratch" | "budget" | "hf"
+    overrides: tuple[str, ...]  # run_finetune.py overrides that select it
+    identity: tuple[tuple[str, Any], ...]  # what goes into the study key
+    step: int | None = None
+    tokens: int | None = None
+    minutes: float | None = None
+
+
+@dataclass(frozen=True)
+class Job:
+    task: str
+    arm: Arm
+    seed: int
+    lr: float
+    key: str
+
+
+def recipe_overrides(extra_args: Sequence[str]) -> list[str]:
+    """The overrides that change a result (not where files go)."""
+    return [a for a in extra_args if not a.startswith(NOT_RECIPE)]
+
+
+def study_key(task: str, arm_identity: Mapping[str, Any], seed: int, lr: float, recipe: Sequence[str]) -> str:
+    """A stable hash of what determines one fine-tuning result; equal keys = the run can be reused."""
+    blob = json.dumps(
+        {"v": KEY_VERSION, "task": task, "arm": dict(arm_identity), "seed": int(seed), "lr": float(lr),
+         "recipe": list(recipe)},
+        sort_keys=True,
+    )  # fmt: skip
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
+
+
+def file_sha256(path: Path, _cache: dict[Path, str] = {}) -> str:  # noqa: B006 - per-process memo on purpose
+    path = Path(path).resolve()
+    if path not in _cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _cache[path] = digest.hexdigest()
+    return _cache[path]
+
+
+def quote(value: Any) -> str:
+    """A Hydra override value quoted so that paths with ':' ',' '=' stay one string."""
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
+
+
+def budget_arms(budgets: Sequence[Mapping[str, Any]], run_id: str) -> list[Arm]:
+    arms = []
+    for b in budgets:
+        path = Path(b["file"])
+        identity = (("kind", "budget"), ("run", run_id), ("step", int(b["step"])), ("sha256", file_sha256(path)))
+        arms.append(Arm(f"step {int(b['step'])}", "budget", (f"pretrained={quote(path)}",), identity,
+                        int(b["step"]), int(b.get("tokens", 0)), float(b.get("minutes", 0.0))))  # fmt: skip
+    return arms
+
+
+def scratch_arm(like: Path, run_id: str) -> Arm:
+    identity = (("kind", "scratch"), ("like_run", run_id))
+    return Arm("scratch", "scratch", ("pretrained=null", f"scratch_like={quote(like)}"), identity, 0, 0, 0.0)
+
+
+def hf_arm(ref: str) -> Arm:
+    from bert.convert import HF_PREFIX, WEIGHT_FILES
+
+    folder = Path(ref.removeprefix(HF_PREFIX)).expanduser().resolve()
+    files = [folder / n for n in ("config.json", "tokenizer.json", "vocab.txt", *WEIGHT_FILES) if (folder / n).is_file()]
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"arms={ref}: {folder} has no config.json (a transformers BERT folder is needed)")
+    identity = (("kind", "hf"), ("files", tuple((f.name, file_sha256(f)) for f in files)))
+    return Arm(f"hf:{folder.name}", "hf", (f"pretrained={quote(HF_PREFIX + str(folder))}",), identity)
+
+
+def plan_jobs(tasks: Sequence[str], arms: Sequence[Arm], seeds: Sequence[int], lrs: Sequence[float],
+              recipe: Sequence[str]) -> list[Job]:  # fmt: skip
+    return [
+        Job(task, arm, seed, lr, study_key(task, dict(arm.identity), seed, lr, recipe))
+        for task in tasks
+        for arm in arms
+        for lr in lrs
+        for seed in seeds
+    ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass
+class Cell:
+    mean: float
+    std: float | None  # sample std over seeds; None with one seed
+    n: int
+    lr: float
+    val: float
+
+
+@dataclass
+class Row:
+    arm: str
+    kind: str
+    minutes: float | None
+    steps: int | None
+    tokens: int | None
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+def summarize(values: Sequence[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def choose(results: Mapping[float, Sequence[tuple[float, float]]], mode: str) -> Cell | None:
+    """{lr: [(val, test) per seed]} -> the lr with the best mean val, with its test mean ± std."""
+    scored = {lr: pairs for lr, pairs in results.items() if pairs}
+    if not scored:
+        return None
+    sign = 1.0 if mode == "max" else -1.0
+    lr = max(scored, key=lambda k: sign * summarize([v for v, _ in scored[k]])[0])
+    mean, std = summarize([t for _, t in scored[lr]])
+    return Cell(mean, std, len(scored[lr]), lr, summarize([v for v, _ in scored[lr]])[0])
+
+
+def human_tokens(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def format_cell(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    spread = f" ± {cell.std:.3f}" if cell.std is not None else ""
+    return f"{cell.mean:.3f}{spread} (n={cell.n}, lr {cell.lr:g})"
+
+
+def row_label(row: Row) -> tuple[str, str, str]:
+    minutes = "–" if row.minutes is None else f"{row.minutes:.1f}"
+    steps = "–" if row.steps is None else f"{row.steps:,}"
+    return minutes, steps, human_tokens(row.tokens)
+
+
+def format_markdown(rows: Sequence[Row], tasks: Sequence[str], header: Mapping[str, str]) -> str:
+    """study.md: one row per arm, one column per task's test metric."""
+    lines = ["# Study: how much does pretraining buy?", ""]
+    lines += [f"- {k}: {v}" for k, v in header.items()]
+    lines += [
+        "- cells: test metric, mean ± sample std over seeds (n seeds), at the learning rate with the best mean "
+        "validation monitor for that arm and task",
+        "",
+        "| arm | minutes | steps | tokens | " + " | ".join(f"{t} {TEST_METRIC.get(t, 'test')}" for t in tasks) + " |",
+        "|---|---:|---:|---:|" + "---|" * len(tasks),
+    ]
+    for row in rows:
+        minutes, steps, tokens = row_label(row)
+        cells = " | ".join(format_cell(row.cells.get(t)) for t in tasks)
+        lines.append(f"| {row.arm} | {minutes} | {steps} | {tokens} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name in ("arm", "minutes", "steps", "tokens"):
+        table.add_column(name, justify="left" if name == "arm" else "right")
+    for task in tasks:
+        table.add_column(f"{task}\n{TEST_METRIC.get(task, 'test')}", justify="right")
+    for row in rows:
+        table.add_row(row.arm, *row_label(row), *(format_cell(row.cells.get(t)) for t in tasks))
+    Console().print(table)
+
+
+def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -> Path:
+    """Test metric against pretraining minutes, one panel per task; scratch at 0, hf arms as flat lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        curve = sorted((r.minutes or 0.0, r.cells[task]) for r in rows if r.kind != "hf" and task in r.cells)
+        if curve:
+            xs = [m for m, _ in curve]
+            ax.errorbar(xs, [c.mean for _, c in curve], yerr=[c.std or 0.0 for _, c in curve], marker="o",
+                        capsize=3, label="this run (0 = scratch)")  # fmt: skip
+        for i, row in enumerate(r for r in rows if r.kind == "hf" and task in r.cells):
+            ax.axhline(row.cells[task].mean, linestyle="--", color=f"C{i + 1}", label=row.arm)
+        ax.set_title(task)
+        ax.set_xlabel("pretraining minutes")
+        ax.set_ylabel(TEST_METRIC.get(task, "test metric"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MLflow and the runs
+
+
+def compose(task: str, extra_args: Sequence[str]):
+    """The fine-tuning config a child run will use (its store, monitor, paths), composed as Hydra would."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose("finetune", overrides=[f"task={task}", *extra_args])
+
+
+def read_budgets(client, run_id: str, store_hint: str) -> list[dict[str, Any]]:
+    """The run's `budgets.json` artifact, else the budget checkpoints beside its last checkpoint."""
+    import tempfile
+
+    from mlflow.exceptions import MlflowException
+
+    from tasks.budgets import BUDGETS_ARTIFACT
+    from tasks.budgets import read_budgets as read_from_files
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise SystemExit(f"run {run_id} is not in the MLflow store {store_hint}") from err
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = client.download_artifacts(run_id, BUDGETS_ARTIFACT, tmp)
+            budgets = json.loads(Path(local).read_text())
+        except (MlflowException, OSError):
+            budgets = []
+    if not budgets and run.data.tags.get("last_ckpt"):
+        budgets = read_from_files(Path(run.data.tags["last_ckpt"]).parent)
+    present = [b for b in budgets if Path(b["file"]).is_file()]
+    if len(present) < len(budgets):
+        print(f"warning: {len(budgets) - len(present)} budget checkpoints of run {run_id} are gone from disk")
+    return sorted(present, key=lambda b: b["step"])
+
+
+def parent_run(client, experiment_id: str, spec: Mapping[str, Any], pretrain_run: str) -> tuple[str, bool]:
+    """The study's parent run: the one with the same spec hash (resume), else a new one."""
+    spec_sha = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
+    found = client.search_runs([experiment_id], filter_string=f"tags.study_spec = '{spec_sha}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)  # fmt: skip
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id, True
+    tags = {"study_spec": spec_sha, "pretrain_run": pretrain_run, "study_parent": "true"}
+    run = client.create_run(experiment_id, run_name=f"study-{pretrain_run[:8]}", tags=tags)
+    client.log_text(run.info.run_id, json.dumps(spec, indent=2, sort_keys=True), "study_spec.json")
+    return run.info.run_id, False
+
+
+def finished_run(client, experiment_id: str, key: str):
+    runs = client.search_runs([experiment_id], filter_string=f"tags.study_key = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.end_time DESC"], max_results=1)  # fmt: skip
+    return runs[0] if runs else None
+
+
+def child_command(job: Job, parent_id: str, extra_args: Sequence[str], run_dir: Path) -> list[str]:
+    slug = f"{job.task}-{job.arm.name.replace(' ', '').replace(':', '-').replace('/', '-')}-s{job.seed}-lr{job.lr:g}"
+    return [
+        sys.executable, str(ROOT / "run_finetune.py"), f"task={job.task}", *extra_args, *job.arm.overrides,
+        f"seed={job.seed}", f"optim.lr={job.lr}", f"logger.experiment_name={EXPERIMENT}",
+        f"logger.parent_run_id={quote(parent_id)}", f"logger.run_name={quote(slug)}",
+        f"+logger.tags.study_key={quote(job.key)}", f"+logger.tags.study_arm={quote(job.arm.name)}",
+        f"+logger.tags.study_parent={quote(parent_id)}",
+        f"hydra.run.dir={quote(run_dir / slug)}",
+    ]  # fmt: skip
+
+
+def val_score(client, run, monitor: str, mode: str) -> float | None:
+    metrics = run.data.metrics
+    if f"best/{monitor}" in metrics:
+        return float(metrics[f"best/{monitor}"])
+    history = [m.value for m in client.get_metric_history(run.info.run_id, monitor)]
+    if not history:
+        return None
+    return max(history) if mode == "max" else min(history)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the command
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
+    parser.add_argument("run_id", help="MLflow run id of a pretraining run with budget checkpoints")
+    parser.add_argument("settings", nargs="*", metavar="key=value",
+                        help="tasks= budgets= seeds= lrs= arms= scratch= extra_args= out_dir= dry_run=")  # fmt: skip
+    args = parser.parse_args(argv)
+    known = {"tasks": None, "budgets": "all", "seeds": "3", "lrs": "3e-4,1e-3", "arms": "", "scratch": "true",
+             "extra_args": "", "out_dir": None, "dry_run": "false"}  # fmt: skip
+    for item in args.settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in known:
+            parser.error(f"unknown setting {item!r}: use key=value with key in {sorted(known)}")
+        known[key] = value
+    split = lambda text: [t.strip() for t in (text or "").split(",") if t.strip()]  # noqa: E731
+    available = [t for t in ALL_TASKS if (ROOT / "conf" / "task" / f"{t}.yaml").is_file()]
+    tasks = split(known["tasks"]) if known["tasks"] else available
+    missing = [t for t in tasks if not (ROOT / "conf" / "task" / f"{t}.yaml").is_file()]
+    if missing:
+        parser.error(f"tasks {missing} have no conf/task/<task>.yaml (available: {available})")
+    seeds = known["seeds"]
+    ns = argparse.Namespace(
+        run_id=args.run_id,
+        tasks=tasks,
+        budgets=None if known["budgets"] == "all" else [int(s) for s in split(known["budgets"])],
+        # seeds=3 means seeds 0, 1, 2; seeds=7,8 means those
+        seeds=list(range(int(seeds))) if "," not in seeds else [int(s) for s in split(seeds)],
+        lrs=[float(x) for x in split(known["lrs"])],
+        arms=split(known["arms"]),
+        scratch=known["scratch"].lower() in ("1", "true", "yes"),
+        extra_args=shlex.split(known["extra_args"]),
+        out_dir=known["out_dir"],
+        dry_run=known["dry_run"].lower() in ("1", "true", "yes"),
+        command="python -m tasks.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+    )  # fmt: skip
+    if not ns.seeds or not ns.lrs:
+        parser.error("seeds and lrs must name at least one value")
+    return ns
+
+
+def run_study(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan, launch what is not finished, tabulate. Returns {'launched', 'reused', 'failed', 'rows', ...}."""
+    from mlflow.tracking import MlflowClient
+
+    from tasks import tracking
+
+    configs = {task: compose(task, args.extra_args) for task in args.tasks}
+    first = configs[args.tasks[0]]
+    uri, artifact_location = first.logger.tracking_uri, first.logger.get("artifact_location")
+    if str(uri).startswith("sqlite:"):
+        tracking.ensure_store(uri, artifact_location, experiments=(EXPERIMENT,))
+    client = MlflowClient(uri)
+
+    budgets = read_budgets(client, args.run_id, uri)
+    if args.budgets is not None:
+        wanted = set(args.budgets)
+        unknown = wanted - {b["step"] for b in budgets}
+        if unknown:
+            raise SystemExit(f"budgets={sorted(unknown)}: run {args.run_id} kept only steps {[b['step'] for b in budgets]}")
+        budgets = [b for b in budgets if b["step"] in wanted]
+    if not budgets and not args.arms:
+        raise SystemExit(
+            f"run {args.run_id} has no budget checkpoints: pretrain with keep_checkpoints_at_steps=[...] or "
+            "checkpoint_every_minutes=<m> (see README, 'Study'), or pass arms=hf:<folder>"
+        )
+    arms: list[Arm] = []
+    if args.scratch:
+        like = Path(budgets[0]["file"]) if budgets else None
+        if like is None:
+            raise SystemExit("the scratch arm copies shape and tokenizer from a budget checkpoint: none found")
+        arms.append(scratch_arm(like, args.run_id))
+    arms += budget_arms(budgets, args.run_id)
+    arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}") for ref in args.arms]
+
+    recipe = recipe_overrides(args.extra_args)
+    jobs = plan_jobs(args.tasks, arms, args.seeds, args.lrs, recipe)
+    spec = {"pretrain_run": args.run_id, "tasks": args.tasks, "arms": [a.name for a in arms], "seeds": args.seeds,
+            "lrs": args.lrs, "recipe": recipe}  # fmt: skip
+    print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs x "
+          f"{len(args.seeds)} seeds = {len(jobs)} fine-tuning runs")  # fmt: skip
+    if args.dry_run:
+        for job in jobs:
+            print(f"  {job.key}  {job.task:6s} {job.arm.name:24s} seed {job.seed} lr {job.lr:g}")
+        return {"launched": 0, "reused": 0, "failed": [], "jobs": jobs}
+
+    experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    parent_id, resumed = parent_run(client, experiment_id, spec, args.run_id)
+    print(f"parent run {parent_id} in experiment '{EXPERIMENT}'" + (" (resumed)" if resumed else ""))
+    out_dir = Path(args.out_dir or Path(first.paths.root_dir) / "outputs" / "study" / parent_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    launched, reused, failed, found = 0, 0, [], {}
+    for i, job in enumerate(jobs, 1):
+        label = f"[{i}/{len(jobs)}] {job.task} {job.arm.name} seed {job.seed} lr {job.lr:g}"
+        run = finished_run(client, experiment_id, job.key)
+        if run is not None:
+            reused += 1
+            found[job.key] = run
+            print(f"{label}: done before (run {run.info.run_id})")
+            continue
+        cmd = child_command(job, parent_id, args.extra_args, out_dir / "runs")
+        log_file = out_dir / "logs" / f"{job.key}.log"
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        started = time.time()
+        with open(log_file, "w") as log:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        launched += 1
+        run = finished_run(client, experiment_id, job.key)
+        if proc.returncode != 0 or run is None:
+            failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": proc.returncode})
+            print(f"{label}: FAILED (exit {proc.returncode}); log {log_file}")
+            continue
+        found[job.key] = run
+        print(f"{label}: {time.time() - started:.0f}s, run {run.info.run_id}")
+
+    rows = tabulate(client, jobs, arms, found, configs)
+    title = f"pretraining run {args.run_id}"
+    header = {
+        "pretraining run": f"`{args.run_id}`",
+        "study run": f"`{parent_id}` (experiment `{EXPERIMENT}`)",
+        "seeds": ", ".join(map(str, args.seeds)),
+        "learning rates": ", ".join(f"{lr:g}" for lr in args.lrs),
+        "recipe overrides": f"`{' '.join(recipe)}`" if recipe else "none (each task's standard recipe)",
+        "command": f"`{args.command}`",
+    }
+    markdown = format_markdown(rows, args.tasks, header)
+    (out_dir / "study.md").write_text(markdown, encoding="utf-8")
+    results = [{"key": k, "run_id": r.info.run_id, "metrics": dict(r.data.metrics), "tags": {
+        t: v for t, v in r.data.tags.items() if t.startswith("study_")}} for k, r in found.items()]  # fmt: skip
+    (out_dir / "study.json").write_text(json.dumps({"rows": [asdict(r) for r in rows], "runs": results,
+                                                    "failed": failed}, indent=2))  # fmt: skip
+    png = plot(rows, args.tasks, out_dir / "study.png", title)
+    for path in (out_dir / "study.md", out_dir / "study.json", png):
+        client.log_artifact(parent_id, str(path))
+    print_table(rows, args.tasks, title)
+    print(f"launched {launched}, reused {reused}, failed {len(failed)}; study.md and study.png in {out_dir} "
+          f"and in MLflow run {parent_id}")  # fmt: skip
+    client.set_terminated(parent_id, status="FAILED" if failed else "FINISHED")
+    return {"launched": launched, "reused": reused, "failed": failed, "rows": rows, "parent_run_id": parent_id,
+            "out_dir": out_dir, "jobs": jobs}  # fmt: skip
+
+
+def tabulate(client, jobs: Sequence[Job], arms: Sequence[Arm], found: Mapping[str, Any], configs) -> list[Row]:
+    rows = []
+    for arm in arms:
+        row = Row(arm.name, arm.kind, arm.minutes, arm.step, arm.tokens)
+        for task, cfg in configs.items():
+            monitor, mode = cfg.task.monitor, cfg.task.get("monitor_mode", "max")
+            metric = TEST_METRIC.get(task, f"test/{str(monitor).split('/', 1)[-1]}")
+            per_lr: dict[float, list[tuple[float, float]]] = {}
+            for job in jobs:
+                if job.arm != arm or job.task != task:
+                    continue
+                per_lr.setdefault(job.lr, [])
+                run = found.get(job.key)
+                if run is None or metric not in run.data.metrics:
+                    continue
+                val = val_score(client, run, monitor, mode)
+                if val is not None:
+                    per_lr[job.lr].append((val, float(run.data.metrics[metric])))
+            cell = choose(per_lr, mode)
+            if cell is not None:
+                row.cells[task] = cell
+        rows.append(row)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    result = run_study(parse_args(argv))
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""tasks/study.py: keys, lr choice, the table; end to end on a tiny pretraining run (slow)."""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks.budgets import BudgetCheckpoints
+from tasks.study import Cell, Row, choose, format_markdown, parse_args, recipe_overrides, study_key
+from tests.test_run_pretrain import ROOT, check, client_for, run_cli, runs_of
+
+ARM = {"kind": "budget", "run": "abc", "step": 1000, "sha256": "f" * 64}
+
+
+def test_study_key_is_stable_and_says_what_changes_a_result():
+    key = study_key("ner", ARM, 0, 1e-3, ["trainer.max_epochs=6"])
+    assert key == study_key("ner", dict(reversed(list(ARM.items()))), 0, 0.001, ["trainer.max_epochs=6"])
+    changed = [
+        study_key("nli", ARM, 0, 1e-3, ["trainer.max_epochs=6"]),
+        study_key("ner", {**ARM, "sha256": "e" * 64}, 0, 1e-3, ["trainer.max_epochs=6"]),
+        study_key("ner", ARM, 1, 1e-3, ["trainer.max_epochs=6"]),
+        study_key("ner", ARM, 0, 3e-4, ["trainer.max_epochs=6"]),
+        study_key("ner", ARM, 0, 1e-3, ["trainer.max_epochs=3"]),
+    ]
+    assert len({key, *changed}) == 6
+    # pinned: a new key scheme must bump KEY_VERSION on purpose, or finished studies would rerun everything
+    assert key == "c345292d14856307e8d8"
+    # where files go is not part of the recipe
+    args = ["debug=fdr", "paths.cache_dir=/x", "hydra.run.dir=/y", "logger.tracking_uri=z", "+logger.tags.a=b"]
+    assert recipe_overrides(args) == ["debug=fdr"]
+
+
+def test_lr_choice_by_mean_val_and_test_spread():
+    # lr 1e-3 wins on mean val (0.6 vs 0.55) although 3e-4 has the single best val and the best test
+    results = {3e-4: [(0.7, 0.9), (0.4, 0.8)], 1e-3: [(0.6, 0.5), (0.6, 0.6), (0.6, 0.7)]}
+    cell = choose(results, "max")
+    assert cell.lr == 1e-3 and cell.n == 3
+    assert cell.mean == pytest.approx(statistics.mean([0.5, 0.6, 0.7]))
+    assert cell.std == pytest.approx(statistics.stdev([0.5, 0.6, 0.7]))  # sample std, as the table says
+    assert choose(results, "min").lr == 3e-4
+    assert choose({1e-3: [(0.6, 0.5)]}, "max").std is None
+    assert choose({1e-3: []}, "max") is None  # every run of the arm failed
+
+
+def test_study_md_has_one_row_per_arm():
+    rows = [
+        Row("scratch", "scratch", 0.0, 0, 0, {"ner": Cell(0.5, 0.01, 3, 1e-3, 0.52)}),
+        Row("step 1000", "budget", 9.5, 1000, 3_200_000, {"ner": Cell(0.6123, None, 1, 3e-4, 0.6)}),
+        Row("hf:klue", "hf", None, None, None, {}),
+    ]
+    text = format_markdown(rows, ["ner", "nli"], {"pretraining run": "`abc`"})
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0] == "| arm | minutes | steps | tokens | ner test/entity_f1_macro | nli test/accuracy |"
+    assert len(table) == 2 + len(rows)
+    assert table[2] == "| scratch | 0.0 | 0 | 0 | 0.500 ± 0.010 (n=3, lr 0.001) | – |"
+    assert table[3] == "| step 1000 | 9.5 | 1,000 | 3.2M | 0.612 (n=1, lr 0.0003) | – |"
+    assert table[4] == "| hf:klue | – | – | – | – | – |"
+    assert "- pretraining run: `abc`" in text and "sample std" in text
+
+
+def test_arguments():
+    args = parse_args(["0123", "tasks=ner", "seeds=3", "lrs=1e-3,3e-4", 'extra_args=debug=fdr "trainer.max_epochs=2"'])
+    assert args.seeds == [0, 1, 2] and args.lrs == [1e-3, 3e-4] and args.tasks == ["ner"]
+    assert args.extra_args == ["debug=fdr", "trainer.max_epochs=2"] and args.budgets is None
+    assert parse_args(["0123", "seeds=7,9", "budgets=10,20"]).seeds == [7, 9]
+    with pytest.raises(SystemExit):
+        parse_args(["0123", "epochs=3"])
+    with pytest.raises(SystemExit):
+        parse_args(["0123", "tasks=no_such_task"])
+
+
+def test_budget_clock_carries_over_a_resume():
+    first = BudgetCheckpoints("unused", at_steps=[5], every_minutes=10)
+    first._minutes_before = 23.0  # as if 23 minutes had been trained
+    state = first.state_dict()
+    resumed = BudgetCheckpoints("unused", at_steps=[5], every_minutes=10)
+    resumed.load_state_dict(state)
+    assert 23.0 <= resumed.minutes() < 23.1
+    assert resumed._next_minutes == 30.0  # the next multiple, not 10 again
+    with pytest.raises(ValueError, match="positive"):
+        BudgetCheckpoints("unused", at_steps=[0])
+
+
+def hf_folder(tokenizer_dir: Path, out: Path) -> Path:
+    """A transformers-saved random BERT over the pretraining run's tokenizer (an `hf:` arm)."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")).get_vocab_size()
+    config = transformers.BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+    transformers.BertForPreTraining(config).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out / name)
+    return out
+
+
+@pytest.mark.slow
+def test_study_end_to_end_and_resume(tmp_path):
+    workdir, cache = tmp_path / "w", tmp_path / "cache"
+    workdir.mkdir()
+    pre = ["data=petition_small", "debug=fdr", "keep_checkpoints_at_steps=[1,2]", "budget_at_end=false"]
+    check(run_cli("run.py", pre, workdir, cache))
+    (run,) = runs_of(workdir)
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    folder = hf_folder(artifacts / "tokenizer", tmp_path / "hf-tiny")
+    extra = f"debug=fdr paths.mlruns_dir={workdir}/mlruns paths.cache_dir={cache} paths.checkpoint_dir={workdir}/ck"
+    cmd = [sys.executable, "-m", "tasks.study", run.info.run_id, "tasks=ner", "seeds=1", "lrs=1e-3",
+           f"arms=hf:{folder}", f"extra_args={extra}", f"out_dir={tmp_path / 'study'}"]  # fmt: skip
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    check(first)
+    assert "launched 4, reused 0, failed 0" in first.stdout, first.stdout[-3000:]
+
+    client = client_for(workdir)
+    (parent,) = [r for r in runs_of(workdir, "study") if r.data.tags.get("study_parent") == "true"]
+    children = [r for r in runs_of(workdir, "study") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.data.tags["study_arm"] for r in children) == ["hf:hf-tiny", "scratch", "step 1", "step 2"]
+    assert all("test/entity_f1_macro" in r.data.metrics for r in children)
+    assert parent.info.status == "FINISHED"
+    parent_artifacts = Path(parent.info.artifact_uri.removeprefix("file://"))
+    for name in ("study.md", "study.png", "study.json"):
+        assert (parent_artifacts / name).is_file(), name
+    table = [line for line in (parent_artifacts / "study.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split("|")[1].strip() for line in table[1:]] == ["scratch", "step 1", "step 2", "hf:hf-tiny"]
+    assert "entity_f1_macro" in first.stdout  # the table printed in the terminal
+    pretrained = next(r for r in children if r.data.tags["study_arm"] == "step 2")
+    assert pretrained.data.tags["pretrained_ckpt"].endswith("budget-step2.ckpt")
+    assert client.get_run(parent.info.run_id).info.run_id == parent.info.run_id
+
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    check(again)
+    assert "launched 0, reused 4, failed 0" in again.stdout, again.stdout[-3000:]
+    assert f"parent run {parent.info.run_id}" in again.stdout  # the same study tree
+    assert len([r for r in runs_of(workdir, "study") if r.data.tags.get("study_parent") == "true"]) == 1
