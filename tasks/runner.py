@@ -199,8 +199,8 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
         save_last=True,
         enable_version_counter=False,
     )
-    callbacks: list[pl.Callback] = [
-        best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ProgressBar(leave=True), ModelSummary(),
+    callbacks: list[pl.Callback] = [  # the progress bar last: tests drop it
+        best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ModelSummary(), ProgressBar(leave=True),
     ]
     budgets = budget_callback(cfg, ckpt_dir)
     if budgets is not None:
