@@ -107,7 +107,7 @@ def test_fdr_run_reads_at_a_glance(fdr_run, mirror):
     for key, value in params.items():  # the same setting twice = same leaf name and value under two prefixes
         by_leaf.setdefault((key.rsplit(".", 1)[-1], value), []).append(key)
     assert not {k: v for k, v in by_leaf.items() if len(v) > 1}
-    assert params["optim.warmup_fraction"] == "0.06" and params["optim.warmup_steps"] == "None"
+    assert params["optim.warmup_steps"] == "500" and params["optim.warmup_fraction"] == "None"  # first_run
     assert int(params["model.vocab_size"]) > 0  # the tokenizer's size, not the size asked for
 
     tags = run.data.tags
