@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -357,10 +358,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
     parser.add_argument("run_id", help="MLflow run id of a pretraining run with budget checkpoints")
     parser.add_argument("settings", nargs="*", metavar="key=value",
-                        help="tasks= budgets= seeds= lrs= arms= scratch= extra_args= out_dir= dry_run=")  # fmt: skip
+                        help="tasks= budgets= seeds= lrs= arms= scratch= extra_args= out_dir= dry_run= jobs=")  # fmt: skip
     args = parser.parse_args(argv)
     known = {"tasks": None, "budgets": "all", "seeds": "3", "lrs": "3e-4,1e-3", "arms": "", "scratch": "true",
-             "extra_args": "", "out_dir": None, "dry_run": "false"}  # fmt: skip
+             "extra_args": "", "out_dir": None, "dry_run": "false", "jobs": "1"}  # fmt: skip
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -385,10 +386,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         extra_args=shlex.split(known["extra_args"]),
         out_dir=known["out_dir"],
         dry_run=known["dry_run"].lower() in ("1", "true", "yes"),
+        jobs=int(known["jobs"]),
         command="python -m tasks.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     )  # fmt: skip
     if not ns.seeds or not ns.lrs:
         parser.error("seeds and lrs must name at least one value")
+    if ns.jobs < 1:
+        parser.error(f"jobs={ns.jobs}: run at least one fine-tuning run at a time")
     return ns
 
 
@@ -444,6 +448,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     launched, reused, failed, found = 0, 0, [], {}
+    todo = []
     for i, job in enumerate(jobs, 1):
         label = f"[{i}/{len(jobs)}] {job.task} {job.arm.name} seed {job.seed} lr {job.lr:g}"
         run = finished_run(client, experiment_id, job.key)
@@ -451,21 +456,34 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             reused += 1
             found[job.key] = run
             print(f"{label}: done before (run {run.info.run_id})")
-            continue
+        else:
+            todo.append((label, job))
+    # Side by side, each child gets an equal share of the cores (torch would otherwise start one thread per
+    # core in every child and oversubscribe them); an explicit OMP_NUM_THREADS wins.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+    def launch(label: str, job: Job) -> tuple[str, Job, int, float]:
         cmd = child_command(job, parent_id, args.extra_args, out_dir / "runs")
         log_file = out_dir / "logs" / f"{job.key}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
         with open(log_file, "w") as log:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        launched += 1
-        run = finished_run(client, experiment_id, job.key)
-        if proc.returncode != 0 or run is None:
-            failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": proc.returncode})
-            print(f"{label}: FAILED (exit {proc.returncode}); log {log_file}")
-            continue
-        found[job.key] = run
-        print(f"{label}: {time.time() - started:.0f}s, run {run.info.run_id}")
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
+        return label, job, proc.returncode, time.time() - started
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for label, job, returncode, seconds in pool.map(lambda item: launch(*item), todo):
+            launched += 1
+            run = finished_run(client, experiment_id, job.key)
+            if returncode != 0 or run is None:
+                log_file = out_dir / "logs" / f"{job.key}.log"
+                failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": returncode})
+                print(f"{label}: FAILED (exit {returncode}); log {log_file}")
+                continue
+            found[job.key] = run
+            print(f"{label}: {seconds:.0f}s, run {run.info.run_id}")
 
     rows = tabulate(client, jobs, arms, found, configs)
     title = f"pretraining run {args.run_id}"
