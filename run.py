@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> float | None:
     trainer.fit(
         module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **runner.lightning_load()
     )
+    runner.print_summary(trainer)
     best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
     metric = best if best is not None else trainer.callback_metrics.get("val/loss")
     return float(metric) if metric is not None else None

@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> float | None:
     runner.test_on_one_device(cfg, trainer, module, datamodule, logger)
     if trainer.is_global_zero:
         log_report(cfg, module, datamodule, logger, best)
+    runner.print_summary(trainer)
     return float(best) if best is not None else None
 
 

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from bert.ner_align import IGNORE_INDEX, AlignmentStats, encode_for_ner
 from bert.tokenizer import load_tokenizer
-from datamodules.download import fetch
+from datamodules.download import cached_sha256, fetch
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +262,15 @@ class KlueNerDataModule(pl.LightningDataModule):
     @property
     def data_sha256(self) -> str:
         return str(self.file.get("sha256"))
+
+    @property
+    def input_files(self) -> list[dict[str, Any]]:
+        """The task file's upstream name, URL and sha256, for the run's dataset inputs (one file, three splits)."""
+        digest = self.file.get("sha256")
+        if digest is None and self.path is not None:
+            digest = cached_sha256(self.path, Path(self.data_dir))
+        split = "train,val,test"
+        return [{"name": self.file["name"], "url": self.file.get("url"), "split": split, "sha256": digest}]
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -719,6 +719,15 @@ class PretrainDataModule(pl.LightningDataModule):
         """sha256 over "name sha256" lines of every input file: one tag for the whole data config."""
         return self._prepare()["data_sha256"]
 
+    @property
+    def input_files(self) -> list[dict[str, Any]]:
+        """Each input file's upstream name, URL, split and sha256 (as read), for the run's dataset inputs."""
+        digests = self._prepare()["digests"]
+        return [
+            {"name": s["name"], "url": s["url"], "split": s["split"], "sha256": d}
+            for s, d in zip(self.files, digests, strict=True)
+        ]
+
     def set_epoch(self, epoch: int) -> None:
         """For loops without Lightning: sets the epoch of the train sampler (and of the dataset's plain-index
         access). Lightning calls the sampler's `set_epoch` itself."""

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from bert.tokenizer import load_tokenizer
-from datamodules.download import fetch
+from datamodules.download import cached_sha256, fetch
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +239,17 @@ class SentenceDataModule(pl.LightningDataModule):
     @property
     def data_sha256(self) -> str:
         return ",".join(str(f.get("sha256")) for f in self.files)
+
+    @property
+    def input_files(self) -> list[dict[str, Any]]:
+        """Each task file's upstream name, URL and sha256, for the run's dataset inputs (MLflow's Datasets)."""
+        out = []
+        for i, file in enumerate(self.files):
+            digest = file.get("sha256")
+            if digest is None and getattr(self, "paths", None):
+                digest = cached_sha256(self.paths[i], Path(self.data_dir))
+            out.append({"name": file["name"], "url": file.get("url"), "split": "train,val,test", "sha256": digest})
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:

@@ -21,6 +21,7 @@ import torch
 from bert.heads import BertForSequenceClassification
 from bert.metrics import char_confusion, classification_scores, sts_scores
 from bert.model import BertConfig, load_state_dict_checked
+from tasks.interval import IntervalMeans, log_due
 from tasks.optim import build_optimizer
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over ranks
@@ -150,7 +151,7 @@ class FinetuneModule(pl.LightningModule):
                 "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
                 "max_seq_len": int(max_seq_len),  # prediction encodes raw text the same way
             },
-            logger=False,  # RunRecordCallback logs them, under module.*
+            logger=False,  # RunRecordCallback logs the config (model_config as model.*)
         )
         self.task = str(task)
         self.labels = list(self.hparams.labels)
@@ -158,6 +159,7 @@ class FinetuneModule(pl.LightningModule):
         self.model = BertForSequenceClassification(BertConfig(**dict(model_config)), num_labels, classifier_dropout)
         self.metrics = ClassificationMetrics(self.labels, label_keys) if self.labels else RegressionMetrics()
         self.last_eval: dict[str, Any] | None = None
+        self.train_means = IntervalMeans(["loss"])
 
     @property
     def is_regression(self) -> bool:
@@ -172,7 +174,9 @@ class FinetuneModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.model.loss(self(batch), batch["labels"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.train_means.update({"loss": loss})
+        if log_due(self.trainer):  # the mean since the last log, not the last batch
+            self.log("train/loss", self.train_means.pop()["loss"], prog_bar=True)
         return loss
 
     def _eval_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> None:

@@ -23,6 +23,7 @@ from bert.model import BertConfig, load_state_dict_checked
 from bert.ner_align import alignment_ceiling, drop_spaces, pieces_to_char_tags
 from bert.tokenizer import load_tokenizer
 from datamodules.klue_ner import ENTITY_TYPES
+from tasks.interval import IntervalMeans, log_due
 from tasks.optim import build_optimizer
 from tasks.plots import plot_confusion
 
@@ -54,12 +55,13 @@ class NerModule(pl.LightningModule):
                 "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
                 "max_seq_len": int(max_seq_len),  # prediction encodes raw text the same way
             },
-            logger=False,  # RunRecordCallback logs them, under module.*
+            logger=False,  # RunRecordCallback logs the config (model_config as model.*)
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
         self.last_eval: dict[str, Any] | None = None
+        self.train_means = IntervalMeans(["loss"])
         self._reset_counts()
 
     def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
@@ -74,7 +76,9 @@ class NerModule(pl.LightningModule):
         loss = self.model.loss(
             batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
         )
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["input_ids"].size(0))
+        self.train_means.update({"loss": loss})
+        if log_due(self.trainer):  # the mean since the last log, not the last batch
+            self.log("train/loss", self.train_means.pop()["loss"], prog_bar=True)
         return loss
 
     def char_predictions(self, batch: Mapping[str, Any]) -> list[list[str]]:

@@ -24,9 +24,20 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     ]
 
 
-def warmup_steps_from(value: float, total_steps: int) -> int:
-    """A float below 1 is a fraction of the run; anything else is a step count."""
-    return int(value * total_steps) if 0 < value < 1 else int(value)
+def warmup_steps_from(optim: Mapping[str, Any], total_steps: int) -> int:
+    """`warmup_steps` (a step count) when set, else `warmup_fraction` of the run: one meaning per name."""
+    steps, fraction = optim.get("warmup_steps"), optim.get("warmup_fraction")
+    if steps is not None:
+        if isinstance(steps, bool) or float(steps) != int(float(steps)) or int(float(steps)) < 0:
+            raise ValueError(
+                f"optim.warmup_steps={steps}: a whole number of steps; for a share of the run use "
+                "optim.warmup_fraction (and optim.warmup_steps=null)"
+            )
+        return int(float(steps))
+    fraction = float(fraction or 0.0)
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"optim.warmup_fraction={fraction}: a share of the total steps, in [0, 1)")
+    return int(fraction * total_steps)
 
 
 def linear_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
@@ -52,7 +63,7 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
         # fused AdamW runs on CPU and CUDA; FSDP/DeepSpeed may swap the optimizer's params, keep it plain there
         fused=bool(optim.get("fused", on_cpu or torch.cuda.is_available())),
     )
-    warmup = warmup_steps_from(float(optim.get("warmup_steps", 0)), total_steps)
+    warmup = warmup_steps_from(optim, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total_steps, warmup, float(optim.get("min_lr_ratio", 0.0)))
     )

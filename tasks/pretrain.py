@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from bert.model import BertConfig, BertForPreTraining
+from tasks.interval import IntervalMeans, log_due
 from tasks.optim import build_optimizer
+
+TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")
 
 
 class PretrainModule(pl.LightningModule):
@@ -34,14 +37,17 @@ class PretrainModule(pl.LightningModule):
                 "optim": dict(optim),
                 "tokenizer_dir": tokenizer_dir,
             },
-            logger=False,  # RunRecordCallback logs them, under module.*
+            logger=False,  # RunRecordCallback logs the config (model_config as model.*)
         )
         self.model = BertForPreTraining(BertConfig(**dict(model_config)))
         self._compile = compile
         self.val_mlm_loss = MeanMetric()  # weighted by masked tokens, so perplexity is per token
+        self.train_means = IntervalMeans(list(TRAIN_KEYS))
         self._step_start: float | None = None
         self._batch_tokens = 0
         self.tokens_seen = 0  # non-pad tokens trained on, all ranks; saved in checkpoints (budgets, resume)
+        self._interval_tokens = 0.0
+        self._interval_seconds = 0.0
 
     def configure_model(self) -> None:
         if self._compile:
@@ -79,17 +85,22 @@ class PretrainModule(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self.model_step(batch)
-        bsz = batch["input_ids"].size(0)
-        for key in ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc"):
-            self.log(f"train/{key}", out[key], prog_bar=key in ("mlm_loss", "nsp_acc"), batch_size=bsz)
-        self.log("lr", self.optimizers().param_groups[0]["lr"], batch_size=bsz)
+        self.train_means.update({key: out[key] for key in TRAIN_KEYS})
+        if log_due(self.trainer):  # means over the steps since the last log, not the last batch
+            for key, value in self.train_means.pop().items():
+                self.log(f"train/{key}", value, prog_bar=key in ("mlm_loss", "nsp_acc"))
+            self.log("lr", self.optimizers().param_groups[0]["lr"])
         return out["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         if self._step_start is None:
             return
-        seconds = time.perf_counter() - self._step_start  # forward + backward + optimizer step
-        self.log("train/tokens_per_s", self._batch_tokens / max(seconds, 1e-9), prog_bar=True, batch_size=1)
+        self._interval_seconds += time.perf_counter() - self._step_start  # forward + backward + optimizer step
+        self._interval_tokens += self._batch_tokens  # counted in on_train_batch_start, all ranks
+        if log_due(self.trainer):
+            rate = self._interval_tokens / max(self._interval_seconds, 1e-9)
+            self.log("train/tokens_per_s", rate, prog_bar=True)
+            self._interval_tokens = self._interval_seconds = 0.0
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         out = self.model_step(batch)

@@ -14,16 +14,55 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import Checkpoint, EarlyStopping, ModelCheckpoint, RichProgressBar, Timer
+from pytorch_lightning.callbacks import (
+    Checkpoint,
+    EarlyStopping,
+    ModelCheckpoint,
+    RichModelSummary,
+    RichProgressBar,
+    Timer,
+)
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from tasks import checkpoints, tracking
+from tasks.summary import RunSummary, banner
 
 log = logging.getLogger(__name__)
 
 RUN_ID_ENV = "BERT_MLFLOW_RUN_ID"  # hands rank 0's run id to the DDP processes Lightning re-launches
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in str(record.msg)
+
+
+def quiet_known_noise() -> None:
+    """Silence what a user cannot act on, each by its message and the module that emits it (nothing else)."""
+    import warnings
+
+    # torchdata's StatefulDataLoader calls torch.set_vital, which torch deprecated (torchdata's to fix)
+    warnings.filterwarnings(
+        "ignore", message="'set_vital' is deprecated", module="torchdata.stateful_dataloader"
+    )
+    # Lightning's own pytree helper builds a LeafSpec, which torch deprecated (Lightning's to fix)
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", module="pytorch_lightning"
+    )
+    # an advertisement for Lightning's cloud logger, printed by every Trainer
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    rank_zero.addFilter(_DropMessage("try installing [litlogger]"))
+    # our ModelSummary (without the FLOPs column of zeros) replaces Lightning's default, which it announces
+    rank_zero.addFilter(_DropMessage("Trainer already configured with model summary callbacks"))
+
+
+quiet_known_noise()  # at import: the entry points import this module before any Trainer exists
 
 
 def choice(group: str) -> str:
@@ -162,7 +201,9 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
         save_last=True,
         enable_version_counter=False,
     )
-    callbacks: list[pl.Callback] = [best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ProgressBar(leave=True)]
+    callbacks: list[pl.Callback] = [  # the progress bar last: tests drop it
+        best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ModelSummary(), ProgressBar(leave=True),
+    ]
     budgets = budget_callback(cfg, ckpt_dir)
     if budgets is not None:
         callbacks.append(budgets)
@@ -296,6 +337,36 @@ def budget_callback(cfg: DictConfig, ckpt_dir: Path) -> pl.Callback | None:
     return BudgetCheckpoints(ckpt_dir, at_steps, every, at_end=bool(cfg.get("budget_at_end", True)))
 
 
+class ModelSummary(RichModelSummary):
+    """Lightning's table without its FLOPs column: it counts FLOPs only with an `example_input_array`, so
+    here it would print a column of zeros."""
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **kwargs) -> None:  # fmt: skip
+        from pytorch_lightning.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style="bold magenta")
+        table.add_column(" ", style="dim")
+        for name, _ in columns[1:]:
+            table.add_column(name, justify="right" if name in ("Params", "In sizes", "Out sizes") else "left")
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        console = get_console()
+        console.print(table)
+        console.print(
+            f"[bold]Trainable params[/]: {get_human_readable_count(int(trainable_parameters))}   "
+            f"[bold]Total params[/]: {get_human_readable_count(int(total_parameters))}   "
+            f"[bold]Size[/]: {get_formatted_model_size(model_size)} MB"
+        )
+
+
 class ProgressBar(RichProgressBar):
     """Step-budgeted runs have max_epochs=-1, which Lightning prints as 'Epoch 0/-2'."""
 
@@ -307,7 +378,9 @@ class ProgressBar(RichProgressBar):
 
 
 class RunRecordCallback(pl.Callback):
-    """Logs to the MLflow run what makes it reproducible and comparable, and curves at the end of fit."""
+    """Records the run in MLflow so that it reads at a glance: params (the config once), tags (overrides,
+    presets, git), dataset inputs, system metrics, `best/*` metrics and curves at every validation, and at the
+    end the stop reason and a summary (printed, and the run description)."""
 
     def __init__(
         self,
@@ -320,6 +393,20 @@ class RunRecordCallback(pl.Callback):
         self.tags = dict(tags)
         self.tokenizer_dir = tokenizer_dir
         self.plot_panels = plot_panels
+        self.best_value: float | None = None
+        self.best_step: int | None = None
+        self.summary: RunSummary | None = None
+        self._run_name: str | None = None
+        self._system_metrics = None
+
+    # -- state that survives a resume (the best so far) --------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_value": self.best_value, "best_step": self.best_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_value = state_dict.get("best_value")
+        self.best_step = state_dict.get("best_step")
 
     def _checkpoints(self, trainer: pl.Trainer) -> tuple[ModelCheckpoint | None, ModelCheckpoint | None]:
         ckpts = [cb for cb in trainer.callbacks if isinstance(cb, ModelCheckpoint)]
@@ -327,18 +414,27 @@ class RunRecordCallback(pl.Callback):
         last = next((cb for cb in ckpts if cb.save_last), None)
         return best, last
 
+    @staticmethod
+    def _logger(trainer: pl.Trainer) -> MLFlowLogger | None:
+        return trainer.logger if isinstance(trainer.logger, MLFlowLogger) else None
+
+    # -- start ---------------------------------------------------------------------------------------------------
+
     @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = trainer.logger
-        if not isinstance(logger, MLFlowLogger):
+        logger = self._logger(trainer)
+        if logger is None:
             return
+        client, run_id = logger.experiment, logger.run_id
+        self._run_name = client.get_run(run_id).info.run_name
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         if trainer.ckpt_path is None:  # a resumed run already has its params (MLflow forbids changing them)
-            params = {k: v for k, v in tracking.flatten(resolved).items() if not k.startswith("hydra")}
-            params.update(
-                tracking.flatten(dict(pl_module.hparams), "module.")
-            )  # e.g. the tokenizer's vocab_size
-            logger.log_hyperparams(params)
+            unresolved = OmegaConf.to_container(self.cfg, resolve=False)
+            model_config = pl_module.hparams.get("model_config")
+            logger.log_hyperparams(tracking.run_params(resolved, unresolved, model_config))
+            files = getattr(trainer.datamodule, "input_files", None)
+            if files:
+                tracking.log_dataset_inputs(client, run_id, files)
         tracking.log_text(logger, OmegaConf.to_yaml(resolved), "config.yaml")
         if self.tokenizer_dir is not None and Path(self.tokenizer_dir).is_dir():
             tracking.log_dir(logger, Path(self.tokenizer_dir), "tokenizer")
@@ -349,33 +445,135 @@ class RunRecordCallback(pl.Callback):
             logger, f"trainable parameters: {n_params:,}\n\n{pl_module.model}\n", "model_summary.txt"
         )
         _, last = self._checkpoints(trainer)
-        tags = {**self.tags, "n_parameters": n_params}
+        root = Path(self.cfg.paths.root_dir)
+        tags = {
+            **self.tags,
+            **run_choices(),
+            "git_commit": tracking.git_commit(root),
+            "git_dirty": tracking.git_dirty(root),
+            "n_parameters": n_params,
+        }
         if last is not None:  # known up front, so a killed run can be resumed with ckpt_path=last
             tags["last_ckpt"] = str(Path(last.dirpath) / "last.ckpt")
         tracking.set_tags(logger, tags)
+        if self.cfg.logger.get("system_metrics", True):
+            self._start_system_metrics(logger, resumed=trainer.ckpt_path is not None)
+
+    def _start_system_metrics(self, logger: MLFlowLogger, resumed: bool) -> None:
+        """CPU, memory, disk, network (and GPU with pynvml) as `system/*`, every 10 s, in a daemon thread."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no "Started monitoring" lines
+        self._system_metrics = SystemMetricsMonitor(
+            logger.run_id, resume_logging=resumed, tracking_uri=self.cfg.logger.tracking_uri
+        )
+        self._system_metrics.start()
+
+    def _stop_system_metrics(self) -> None:
+        if self._system_metrics is not None:
+            self._system_metrics.finish()
+            self._system_metrics = None
+
+    # -- every validation ----------------------------------------------------------------------------------------
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        best, _ = self._checkpoints(trainer)
+        value = trainer.callback_metrics.get(best.monitor) if best is not None else None
+        if value is not None:
+            value = float(value)
+            prev = self.best_value
+            if prev is None or (value > prev if best.mode == "max" else value < prev):
+                self.best_value, self.best_step = value, int(trainer.global_step)
+            logger = self._logger(trainer)
+            if logger is not None:
+                metrics = {f"best/{best.monitor}": self.best_value, "best/step": float(self.best_step)}
+                logger.log_metrics(metrics, step=trainer.global_step)
+        self.log_plots(trainer)  # refreshed now, so an interrupted run has its curves
+
+    # -- end -----------------------------------------------------------------------------------------------------
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        logger = trainer.logger
-        if not isinstance(logger, MLFlowLogger):
+        self._finish(trainer, stop_reason(trainer))
+
+    @rank_zero_only
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._finish(trainer, _reason_now(trainer, exception))  # runs before FinalCheckpoint records it
+        if self.summary is not None:  # Lightning exits right after an interrupt: print it now
+            print(summary_banner(self.summary))
+
+    def _finish(self, trainer: pl.Trainer, reason: str) -> None:
+        self._stop_system_metrics()
+        logger = self._logger(trainer)
+        best, last = self._checkpoints(trainer)
+        best_path = best.best_model_path if best is not None and best.best_model_path else None
+        last_path = Path(last.dirpath) / "last.ckpt" if last is not None and last.dirpath else None
+        self.summary = RunSummary(
+            task=str(self.cfg.get("task_name", "pretrain")),
+            stop_reason=reason,
+            final_step=int(trainer.global_step),
+            monitor=best.monitor if best is not None else None,
+            best_value=self.best_value,
+            best_step=self.best_step,
+            run_name=self._run_name,
+            run_id=logger.run_id if logger is not None else None,
+            experiment_id=logger.experiment_id if logger is not None else None,
+            tracking_uri=str(self.cfg.logger.tracking_uri) if logger is not None else None,
+            best_ckpt=best_path,
+            last_ckpt=str(last_path) if last_path is not None and last_path.is_file() else None,
+            limits={"max_steps": trainer.max_steps, "max_time": self.cfg.trainer.get("max_time")},
+        )
+        if logger is None:
             return
-        best, _ = self._checkpoints(trainer)
-        if best is not None and best.best_model_path:
-            tracking.set_tags(logger, {"best_ckpt": best.best_model_path})
+        tags = {"mlflow.note.content": self.summary.text()}  # the run's description in the UI
+        if best_path:  # stop_reason and final_step: tagged by FinalCheckpoint
+            tags["best_ckpt"] = best_path
+        tracking.set_tags(logger, tags)
         self.log_plots(trainer)
 
     def log_plots(self, trainer: pl.Trainer) -> None:
-        logger = trainer.logger
-        if not self.cfg.logger.get("plots", True):
+        logger = self._logger(trainer)
+        if logger is None or not self.cfg.logger.get("plots", True):
             return
         keys = [k for keys in self.plot_panels.values() for k in keys]
         history = tracking.metric_history(logger, keys)
         out_dir = Path(self.cfg.paths.output_dir) / "plots"
         png = tracking.plot_curves(
-            history, self.plot_panels, out_dir / "curves.png", title=logger.run_id or ""
+            history, self.plot_panels, out_dir / "curves.png", title=self._run_name or logger.run_id or ""
         )
         if png is not None:
             logger.experiment.log_artifact(logger.run_id, str(png), "plots")
+
+
+def run_choices() -> dict[str, str]:
+    """Tags that say how the run was asked for: command-line overrides and the preset of each group."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hydra_cfg = HydraConfig.get()
+    except ValueError:  # composed outside @hydra.main (tests)
+        return {}
+    tags = {"overrides": " ".join(hydra_cfg.overrides.task)}
+    for group in ("model", "data", "experiment", "task"):
+        if group in hydra_cfg.runtime.choices:
+            tags[group] = str(hydra_cfg.runtime.choices[group] or "none")
+    return tags
+
+
+def summary_banner(summary: RunSummary) -> str:
+    return banner(summary.text())
+
+
+def print_summary(trainer: pl.Trainer) -> None:
+    """The end-of-run summary (entry points call this last, after fit and test)."""
+    if not trainer.is_global_zero:
+        return
+    record = next((cb for cb in trainer.callbacks if isinstance(cb, RunRecordCallback)), None)
+    if record is not None and record.summary is not None:
+        print(summary_banner(record.summary))
 
 
 @dataclass

@@ -8,8 +8,10 @@ lock, before any rank or sweep job builds its own client.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -19,6 +21,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# MLflow 3's UI opens in its GenAI view; this query parameter selects the classic "Model training" view
+# (checked in headless Chromium against MLflow 3.17's UI; an experiment tag did not change the view).
+UI_VIEW_QUERY = "workflowType=machine_learning"
+# Where a metric has a chance level, plots draw it (NSP labels are balanced 50/50).
+CHANCE = {"train/nsp_acc": 0.5, "val/nsp_acc": 0.5}
 
 
 def _sqlite_path(tracking_uri: str) -> Path | None:
@@ -82,17 +89,25 @@ class EnsureStoreCallback(_HydraCallback):
 
 
 def git_commit(root: Path) -> str:
-    """The commit the code ran at, with a `-dirty` suffix when the tree has local changes."""
+    """The commit the code ran at (a plain sha; `git_dirty` says whether the tree had local changes)."""
     try:
-        sha = subprocess.run(
+        return subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
-        ).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def git_dirty(root: Path) -> bool | None:
+    """Whether tracked files differ from the commit (None outside a git checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        return bool(out.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -105,6 +120,70 @@ def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+# Config leaves that locate files on this machine (or name the run's store): config.yaml keeps them, params not.
+PATH_LEAVES = {"mirror", "data_dir", "cache_dir", "tokenizer_path", "tokenizer_dir", "output_dir", "ckpt_path"}
+NOT_PARAMS = {"hydra", "paths", "logger.tracking_uri", "logger.artifact_location", "logger.experiment_name",
+              "logger.run_name", "logger.parent_run_id", "logger.tags",  # the run's place and tags, not settings
+              "data.files", "task.data.file", "task.data.files"}  # fmt: skip
+_REFERENCE = re.compile(r"^\$\{[\w.]+\}$")  # `${seed}`: the same value as another key, not a setting of its own
+
+
+def _is_machine_path(value: Any) -> bool:
+    text = str(value)
+    return os.path.isabs(text) or text.startswith(("file:", "sqlite:"))
+
+
+def run_params(
+    resolved: Mapping[str, Any], unresolved: Mapping[str, Any], model_config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The config as MLflow params: each setting once, under one name, without machine paths.
+
+    Dropped: Hydra's own settings, `paths.*` and every other path (they stay in `config.yaml`), keys that are
+    plain references to another key (`data.seed: ${seed}`), `_target_`s, the store location, and the input
+    file lists (they are the run's dataset inputs, with their sha256). `model.*` is the shape the module was
+    built with (`model_config`, with the tokenizer's vocab_size): for fine-tuning, the pretrained encoder's.
+    """
+    raw = flatten(unresolved)
+    params = {}
+    for key, value in flatten(resolved).items():
+        parts = key.split(".")
+        if any(".".join(parts[:i]) in NOT_PARAMS for i in range(1, len(parts) + 1)):
+            continue
+        if parts[-1] == "_target_" or parts[-1] in PATH_LEAVES:
+            continue
+        if isinstance(raw.get(key), str) and _REFERENCE.match(raw[key]):
+            continue
+        if value is not None and _is_machine_path(value):
+            continue
+        params[key] = value
+    if model_config is not None:
+        params = {k: v for k, v in params.items() if not k.startswith("model.")}
+        params.update(flatten(dict(model_config), "model."))
+    return params
+
+
+def log_dataset_inputs(client: Any, run_id: str, files: Iterable[Mapping[str, Any]]) -> None:
+    """Each input file as an MLflow dataset (the UI's Datasets column): its upstream name and URL, digest =
+    its sha256 (cut to the 36 characters MLflow stores; the full sha256 is in the dataset profile)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    inputs = []
+    for spec in files:
+        sha = spec.get("sha256") or ""
+        source = {"url": spec["url"]} if spec.get("url") else {"name": spec["name"]}
+        dataset = Dataset(
+            name=spec["name"],
+            digest=sha[:36] or "unknown",
+            source_type="http" if spec.get("url") else "local",
+            source=json.dumps(source),
+            profile=json.dumps({"sha256": sha, "split": spec.get("split")}),
+        )
+        tags = [InputTag("mlflow.data.context", str(spec.get("split") or "train"))]
+        inputs.append(DatasetInput(dataset, tags))
+    if inputs:
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def _client(tracking_uri: str):
@@ -228,8 +307,10 @@ def plot_curves(
     panels: Mapping[str, Iterable[str]],
     out_png: Path,
     title: str = "",
+    chance: Mapping[str, float] = CHANCE,
 ) -> Path | None:
-    """One panel per group of metric keys (train and val of the same quantity share a panel)."""
+    """One panel per group of metric keys (train and val of the same quantity share a panel), two panels a
+    row, a dashed line at chance level where the panel's metrics have one. Written readable by other users."""
     panels = {name: [k for k in keys if k in history] for name, keys in panels.items()}
     panels = {name: keys for name, keys in panels.items() if keys}
     if not panels:
@@ -239,21 +320,29 @@ def plot_curves(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
-    for ax, (name, keys) in zip(axes[0], panels.items()):
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.4 * nrows), squeeze=False)
+    for ax, (name, keys) in zip(axes.flat, panels.items()):
         for key in keys:
             steps, values = zip(*history[key])
             ax.plot(steps, values, label=key, marker="o" if len(steps) < 30 else None, markersize=3)
+        levels = {chance[k] for k in keys if k in chance}
+        for level in levels:
+            ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=f"chance ({level:g})")
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out_png.parent, suffix=".png", delete=False) as tmp:
         fig.savefig(tmp.name, dpi=110)
+    os.chmod(tmp.name, 0o644)  # NamedTemporaryFile creates 0600: others sharing the store could not read it
     os.replace(tmp.name, out_png)
     plt.close(fig)
     return out_png

@@ -110,6 +110,12 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
         ):
             assert (artifacts / name).is_file(), name
         assert client.get_metric_history(run.info.run_id, "train/loss")
+        # read at a glance: why it stopped, its best, its data, its description = the printed summary
+        assert run.data.tags["stop_reason"] == "max_steps" and "best/val/entity_f1_macro" in run.data.metrics
+        assert run.data.tags["task"] == "ner" and not [k for k in run.data.params if k.startswith("module.")]
+        (dataset,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert dataset.name == "klue/klue-ner-v1.1_dev.tsv" and len(dataset.digest) == 36
+        assert run.data.tags["mlflow.note.content"] in proc.stdout
     pretrained = next(r for r in runs if r.data.tags["init"] == "pretrained")
     assert pretrained.data.tags["pretrained_run"] == pre.info.run_id
 

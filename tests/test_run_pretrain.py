@@ -24,7 +24,9 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")  # the prepared corpus/tokenizer is shared by this module's runs
 
 
-def run_cli(script: str, args: list[str], workdir: Path, cache_dir: Path, timeout: int = 300, **popen):
+def run_cli(
+    script: str, args: list[str], workdir: Path, cache_dir: Path, timeout: int = 300, env_extra=None, **popen
+):
     """Run an entry point from an unrelated cwd, with every output under `workdir`."""
     cmd = [
         sys.executable, str(ROOT / script), *args,
@@ -32,7 +34,7 @@ def run_cli(script: str, args: list[str], workdir: Path, cache_dir: Path, timeou
         f"paths.checkpoint_dir={workdir}/checkpoints",
         f"hydra.run.dir={workdir}/out", f"hydra.sweep.dir={workdir}/multirun",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     if popen:
         return subprocess.Popen(
             cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -57,8 +59,10 @@ def check(proc) -> None:
 @pytest.fixture(scope="module")
 def fdr_run(tmp_path_factory, cache_dir):
     workdir = tmp_path_factory.mktemp("fdr")
-    # budgets at steps 1 and 2, and at the end (step 3): test_budget_checkpoints_are_kept
-    proc = run_cli("run.py", [*SMALL, "debug=fdr", "keep_checkpoints_at_steps=[1,2]"], workdir, cache_dir)
+    # budgets at steps 1 and 2, and at the end (step 3): test_budget_checkpoints_are_kept; system metrics every
+    # second (default 10 s), so that a few-second run has some
+    proc = run_cli("run.py", [*SMALL, "debug=fdr", "keep_checkpoints_at_steps=[1,2]"], workdir, cache_dir,
+                   env_extra={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # fmt: skip
     check(proc)
     return workdir, proc
 
@@ -87,6 +91,52 @@ def test_fdr_run_is_tracked_in_mlflow(fdr_run):
     assert "trainable parameters" in (artifacts / "model_summary.txt").read_text()
     stray = {p.name for p in workdir.iterdir()} - {"mlruns", "out", "checkpoints"}
     assert not stray, f"files written outside the configured folders: {stray}"
+
+
+def test_fdr_run_reads_at_a_glance(fdr_run, mirror):
+    """What a researcher sees in the UI: the config once, without machine paths; how the run was asked for
+    and why it stopped; the best value; what it was trained on (sha256); a description = the summary."""
+    workdir, proc = fdr_run
+    (run,) = runs_of(workdir)
+    client = client_for(workdir)
+    params = run.data.params
+    assert not [k for k in params if k.startswith(("module.", "hydra.", "paths."))]
+    paths = {k: v for k, v in params.items() if os.path.isabs(v) or v.startswith(("file:", "sqlite:"))}
+    assert not paths, paths
+    by_leaf: dict[tuple[str, str], list[str]] = {}
+    for key, value in params.items():  # the same setting twice = same leaf name and value under two prefixes
+        by_leaf.setdefault((key.rsplit(".", 1)[-1], value), []).append(key)
+    assert not {k: v for k, v in by_leaf.items() if len(v) > 1}
+    assert params["optim.warmup_steps"] == "500" and params["optim.warmup_fraction"] == "None"  # first_run
+    assert int(params["model.vocab_size"]) > 0  # the tokenizer's size, not the size asked for
+
+    tags = run.data.tags
+    assert tags["overrides"].split()[:2] == ["data=petition_small", "debug=fdr"]
+    assert (tags["model"], tags["data"], tags["experiment"]) == ("tiny", "petition_small", "first_run")
+    assert (tags["stop_reason"], tags["final_step"]) == ("max_steps", "3")
+    assert len(tags["git_commit"]) == 40 and tags["git_dirty"] in ("True", "False")
+
+    val_loss = [m.value for m in client.get_metric_history(run.info.run_id, "val/loss")]
+    assert run.data.metrics["best/val/loss"] == pytest.approx(min(val_loss))
+    assert run.data.metrics["best/step"] == 3
+    assert any(k.startswith("system/") for k in run.data.metrics), sorted(run.data.metrics)
+
+    import hashlib
+
+    (dataset_input,) = run.inputs.dataset_inputs  # petition_small: one file
+    dataset = dataset_input.dataset
+    assert dataset.name == "petitions/petitions_2019-04"
+    sha = hashlib.sha256((mirror / dataset.name).read_bytes()).hexdigest()
+    assert json.loads(dataset.profile)["sha256"] == sha
+    assert dataset.digest == sha[:36]  # MLflow stores at most 36 characters of a digest
+
+    note = tags["mlflow.note.content"]
+    assert note in proc.stdout  # the printed summary is the run's description
+    for text in (run.info.run_id, "max_steps at step 3", "Best val/loss", "best.ckpt", "workflowType=machine_learning",
+                 f"pretrained={run.info.run_id}", f"bert.export {run.info.run_id}"):  # fmt: skip
+        assert text in note, (text, note)
+    noise = ("set_vital", "LeafSpec", "litlogger", "FLOPs")
+    assert not [n for n in noise if n in proc.stdout + proc.stderr]
 
 
 def test_budget_checkpoints_are_kept(fdr_run):
@@ -180,19 +230,21 @@ def test_ddp_two_processes_one_run(cache_dir, tmp_path):
 
 @pytest.mark.slow
 def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
-    args = [*SMALL, "trainer.max_steps=300", "checkpoint_every_n_steps=5", "trainer.val_check_interval=50",
+    args = [*SMALL, "trainer.max_steps=300", "trainer.max_time=null", "checkpoint_every_n_steps=5",
+            "trainer.val_check_interval=50",
             "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1"]  # fmt: skip
     proc = run_cli("run.py", args, tmp_path, cache_dir, popen=True)
-    deadline = time.time() + 240
-    last = None
+    deadline = time.time() + 300
+    last = plot = None
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "mlruns").rglob("last.ckpt"))
-        if found and found[0].stat().st_size > 0:
-            last = found[0]
+        plots = list((tmp_path / "mlruns").rglob("plots/curves.png"))  # drawn at the first validation
+        if found and found[0].stat().st_size > 0 and plots:
+            last, plot = found[0], plots[0]
             time.sleep(0.5)  # a few more steps beyond the checkpoint, then die without warning
             break
-        time.sleep(0.5)
-    assert last is not None and proc.poll() is None, "run ended before its first checkpoint"
+        time.sleep(0.2)
+    assert last is not None and proc.poll() is None, "run ended before its first checkpoint and validation"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_ms = time.time() * 1000
@@ -201,7 +253,7 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
     import torch
 
     ckpt_step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
-    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir)
+    resumed = run_cli("run.py", [*args, "ckpt_path=last"], tmp_path, cache_dir, timeout=900)
     check(resumed)
     (after,) = runs_of(tmp_path)
     assert after.info.run_id == run.info.run_id and after.info.status == "FINISHED"
@@ -210,6 +262,16 @@ def test_kill_then_resume_continues_the_same_run(cache_dir, tmp_path):
     assert 0 < ckpt_step < 300, "killed after the run had finished: the machine is too fast for this test"
     assert new_steps[0] == ckpt_step, (ckpt_step, new_steps[:3])  # continues where the checkpoint was
     assert new_steps == list(range(ckpt_step, 300))
+
+    # the killed run had its curves; the resumed one redrew them (same run), readable by other users
+    assert plot.is_file() and plot.stat().st_mtime * 1000 > killed_ms
+    assert plot.stat().st_mode & 0o777 == 0o644
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(plot).shape[:2]
+    assert height > 0.6 * width, (width, height)  # 2x2 panels, not one row of four
+    assert after.data.tags["stop_reason"] == "max_steps" and after.data.tags["final_step"] == "300"
+    assert after.data.metrics["best/step"] <= 300
 
 
 def _free_port() -> int:
