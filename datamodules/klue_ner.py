@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from bert.ner_align import IGNORE_INDEX, AlignmentStats, encode_for_ner
 from bert.tokenizer import load_tokenizer
+from datamodules.base import TaskDataModule
 from datamodules.download import cached_sha256, fetch
 
 log = logging.getLogger(__name__)
@@ -226,9 +226,11 @@ def collate_ner(items: list[dict], pad_id: int = 0) -> dict:
     }
 
 
-class KlueNerDataModule(pl.LightningDataModule):
+class KlueNerDataModule(TaskDataModule):
     """KLUE-NER train/val/test loaders. The tokenizer comes from the encoder being fine-tuned (its run or
     checkpoint), so the entry point sets `tokenizer_dir` before `setup`."""
+
+    collate_fn = staticmethod(collate_ner)
 
     def __init__(
         self,
@@ -242,16 +244,9 @@ class KlueNerDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(mirror, data_dir, tokenizer_dir, max_seq_len, batch_size, eval_batch_size, num_workers)
         self.file = dict(file)
         self.split = dict(split or {"modulus": 10, "test_mod": 0, "val_mod": 1})
-        self.mirror = mirror
-        self.data_dir = data_dir
-        self.tokenizer_dir = tokenizer_dir
-        self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.path: Path | None = None
         self.datasets: dict[str, KlueNerDataset] = {}
         self.labels = list(LABELS)  # what the head predicts (the tagger's label ids)
@@ -287,21 +282,3 @@ class KlueNerDataModule(pl.LightningDataModule):
             "KLUE-NER %s: %s sentences",
             self.path, {name: len(ds) for name, ds in self.datasets.items()},
         )  # fmt: skip
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_ner,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from bert.tokenizer import load_tokenizer
+from datamodules.base import TaskDataModule
 from datamodules.download import cached_sha256, fetch
 
 log = logging.getLogger(__name__)
@@ -195,9 +195,11 @@ class SentenceDataset(Dataset):
         return self.items[index]
 
 
-class SentenceDataModule(pl.LightningDataModule):
+class SentenceDataModule(TaskDataModule):
     """Fetch (mirror + checksum), read, split, encode; train/val/test loaders. Subclasses implement `read`
     and may override `split`. The tokenizer is the encoder's (the entry point sets `tokenizer_dir`)."""
+
+    collate_fn = staticmethod(collate_sentences)
 
     def __init__(
         self,
@@ -212,17 +214,10 @@ class SentenceDataModule(pl.LightningDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(mirror, data_dir, tokenizer_dir, max_seq_len, batch_size, eval_batch_size, num_workers)
         self.files = [dict(f) for f in files]
         self.labels = list(labels)  # empty = regression (one score per example)
         self.split_spec = dict(split or {"modulus": 10, "test_mod": 0, "val_mod": 1})
-        self.mirror = mirror
-        self.data_dir = data_dir
-        self.tokenizer_dir = tokenizer_dir
-        self.max_seq_len = max_seq_len
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
         self.paths: list[Path] = []
         self.datasets: dict[str, SentenceDataset] = {}
         self.stats: dict[str, EncodeStats] = {}
@@ -270,24 +265,6 @@ class SentenceDataModule(pl.LightningDataModule):
                     "; ".join(stats.first_truncated),
                 )  # fmt: skip
         log.info("%s: %s examples", type(self).__name__, {k: len(v) for k, v in self.datasets.items()})
-
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size if shuffle else self.eval_batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate_sentences,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 @dataclass
