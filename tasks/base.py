@@ -122,7 +122,78 @@ def gather_rows(strategy: Any, world_size: int) -> Gather | None:
     return gather
 
 
-class FinetuneModule(pl.LightningModule):
+def task_hparams(
+    task: str,
+    model_config: Mapping[str, Any],
+    labels: Sequence[str],
+    optim: Mapping[str, Any],
+    tokenizer_dir: str | None,
+    classifier_dropout: float | None,
+    init_from: str | None,
+    max_seq_len: int,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The hyperparameters every fine-tuned checkpoint carries, as plain types (so it loads weights_only and
+    `tasks.checkpoints` / `tasks.predict` can read them); `extra` (task-specific) follows `labels`."""
+    return {
+        "task": str(task),  # what the checkpoint is (tasks.checkpoints)
+        "model_config": dict(model_config),
+        "labels": [str(label) for label in labels],
+        **extra,
+        "optim": dict(optim),
+        "tokenizer_dir": tokenizer_dir,
+        "classifier_dropout": classifier_dropout,
+        "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
+        "max_seq_len": int(max_seq_len),  # prediction encodes raw text the same way
+    }
+
+
+class TaskModule(pl.LightningModule):
+    """What the fine-tuning modules share: `self.model` has the encoder as `.bert`; the subclass implements
+    `_eval_step(batch, stage)` and `_log_metrics(stage)`, and the hparams hold `optim` (see `task_hparams`)."""
+
+    model: torch.nn.Module
+
+    def __init__(self, hparams: Mapping[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters(dict(hparams), logger=False)  # RunRecordCallback logs the config
+        self.last_eval: dict[str, Any] | None = None
+        self.train_means = IntervalMeans(["loss"])
+
+    def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Pretrained encoder weights (a BertForPreTraining state dict) into `self.model.bert`; the MLM/NSP
+        heads are dropped (and the pooler, where the head has none)."""
+        load_state_dict_checked(self.model.bert, state_dict, strict=True)
+
+    def _log_train_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        self.train_means.update({"loss": loss})
+        if log_due(self.trainer):  # the mean since the last log, not the last batch
+            self.log("train/loss", self.train_means.pop()["loss"], prog_bar=True)
+        return loss
+
+    def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
+        raise NotImplementedError
+
+    def _log_metrics(self, stage: str) -> None:
+        raise NotImplementedError
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
+
+
+class FinetuneModule(TaskModule):
     """Sentence and sentence-pair tasks: pooled-[CLS] head, cross-entropy (labels) or MSE (no labels = one
     regression score), and the task's metric set. One class for NLI, STS, topic and any such task."""
 
@@ -138,46 +209,26 @@ class FinetuneModule(pl.LightningModule):
         max_seq_len: int = 128,
         label_keys: Sequence[str] | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(
-            {
-                "task": str(task),
-                "model_config": dict(model_config),
-                "labels": [str(label) for label in labels],
-                "label_keys": None if label_keys is None else [str(key) for key in label_keys],
-                "optim": dict(optim),
-                "tokenizer_dir": tokenizer_dir,
-                "classifier_dropout": classifier_dropout,
-                "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
-                "max_seq_len": int(max_seq_len),  # prediction encodes raw text the same way
-            },
-            logger=False,  # RunRecordCallback logs the config (model_config as model.*)
-        )
+        label_keys = None if label_keys is None else [str(key) for key in label_keys]
+        super().__init__(
+            task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
+                         label_keys=label_keys)
+        )  # fmt: skip
         self.task = str(task)
         self.labels = list(self.hparams.labels)
         num_labels = len(self.labels) or 1
         self.model = BertForSequenceClassification(BertConfig(**dict(model_config)), num_labels, classifier_dropout)
         self.metrics = ClassificationMetrics(self.labels, label_keys) if self.labels else RegressionMetrics()
-        self.last_eval: dict[str, Any] | None = None
-        self.train_means = IntervalMeans(["loss"])
 
     @property
     def is_regression(self) -> bool:
         return not self.labels
 
-    def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Pretrained encoder + pooler (a BertForPreTraining state dict); the MLM/NSP heads are dropped."""
-        load_state_dict_checked(self.model.bert, state_dict, strict=True)
-
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(self(batch), batch["labels"])
-        self.train_means.update({"loss": loss})
-        if log_due(self.trainer):  # the mean since the last log, not the last batch
-            self.log("train/loss", self.train_means.pop()["loss"], prog_bar=True)
-        return loss
+        return self._log_train_loss(self.model.loss(self(batch), batch["labels"]))
 
     def _eval_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> None:
         logits = self(batch)
@@ -194,21 +245,6 @@ class FinetuneModule(pl.LightningModule):
         metrics = {f"{stage}/{key}": value for key, value in metrics.items()}
         self.log_dict(metrics)
         self.last_eval = {"stage": stage, "metrics": metrics, **state}
-
-    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
     def write_report(self, out_dir: Path, datamodule: Any = None) -> tuple[list[tuple[Path, str | None]], dict[str, float]]:
         """The last evaluation (test) as files: per-class table + confusion matrix, or predicted-vs-gold scatter."""

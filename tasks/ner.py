@@ -6,7 +6,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from bert.heads import BertCrfTagger
@@ -19,16 +18,15 @@ from bert.metrics import (
     entity_counts,
     f1_from_counts,
 )
-from bert.model import BertConfig, load_state_dict_checked
+from bert.model import BertConfig
 from bert.ner_align import alignment_ceiling, drop_spaces, pieces_to_char_tags
 from bert.tokenizer import load_tokenizer
 from datamodules.klue_ner import ENTITY_TYPES
-from tasks.interval import IntervalMeans, log_due
-from tasks.optim import build_optimizer
+from tasks.base import TaskModule, task_hparams
 from tasks.plots import plot_confusion
 
 
-class NerModule(pl.LightningModule):
+class NerModule(TaskModule):
     """Metrics are computed on characters with spaces dropped, as KLUE scores: predictions are mapped back
     from wordpieces (a piece's first character takes its tag, the following ones I-<type>)."""
 
@@ -43,43 +41,22 @@ class NerModule(pl.LightningModule):
         task: str = "ner",
         max_seq_len: int = 128,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters(
-            {
-                "task": task,  # what the checkpoint is (tasks.checkpoints)
-                "model_config": dict(model_config),
-                "labels": list(labels),
-                "optim": dict(optim),
-                "tokenizer_dir": tokenizer_dir,
-                "classifier_dropout": classifier_dropout,
-                "init_from": init_from,  # where the encoder came from (a checkpoint), or None = scratch
-                "max_seq_len": int(max_seq_len),  # prediction encodes raw text the same way
-            },
-            logger=False,  # RunRecordCallback logs the config (model_config as model.*)
+        super().__init__(
+            task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len)
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
-        self.last_eval: dict[str, Any] | None = None
-        self.train_means = IntervalMeans(["loss"])
         self._reset_counts()
-
-    def load_encoder(self, state_dict: Mapping[str, torch.Tensor]) -> None:
-        """Pretrained encoder weights (a BertForPreTraining state dict); the heads and pooler are dropped."""
-        load_state_dict_checked(self.model.bert, state_dict, strict=True)
 
     def _reset_counts(self) -> None:
         self._entity = torch.zeros(len(ENTITY_TYPES), 3, dtype=torch.long)
         self._confusion = torch.zeros(len(self.labels), len(self.labels), dtype=torch.long)
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self.model.loss(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
+        return self._log_train_loss(
+            self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"])
         )
-        self.train_means.update({"loss": loss})
-        if log_due(self.trainer):  # the mean since the last log, not the last batch
-            self.log("train/loss", self.train_means.pop()["loss"], prog_bar=True)
-        return loss
 
     def char_predictions(self, batch: Mapping[str, Any]) -> list[list[str]]:
         paths = self.model.decode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
@@ -124,21 +101,6 @@ class NerModule(pl.LightningModule):
             metrics[f"{stage}/entity_f1_{kind}"] = f1
         self.log_dict(metrics, prog_bar=False)
         self.last_eval = {"stage": stage, "entity": entity, "confusion": confusion, "metrics": metrics}
-
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
 
     def write_report(self, out_dir: Path, datamodule: Any = None) -> tuple[list[tuple[Path, str | None]], dict[str, float]]:
         """Per-type report and char confusion matrix of the last evaluation (test), and the alignment ceiling:
