@@ -57,15 +57,21 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
-@pytest.mark.parametrize("pattern", ["plans/*.bin", "tokens/*/tokens.bin", "tokens/*/line_offsets.npy"])
-def test_truncated_cache_file_is_rebuilt(clean, tmp_path, pattern, caplog):
-    cache, reference = clean
+def _damaged_copy(cache: Path, tmp_path: Path, pattern: str) -> tuple[Path, list[Path]]:
+    """A copy of `cache` with every file matching `pattern` cut in half (the test's own cache stays clean)."""
     copy = tmp_path / "cache"
     shutil.copytree(cache, copy)
     damaged = sorted(copy.glob(pattern))
     assert damaged, pattern
     for path in damaged:
         _truncate(path)
+    return copy, damaged
+
+
+@pytest.mark.parametrize("pattern", ["plans/*.bin", "tokens/*/tokens.bin", "tokens/*/line_offsets.npy"])
+def test_truncated_cache_file_is_rebuilt(clean, tmp_path, pattern, caplog):
+    cache, reference = clean
+    copy, damaged = _damaged_copy(cache, tmp_path, pattern)
     with caplog.at_level(logging.WARNING):
         batches = _batches(copy)
     assert _same(batches, reference)
@@ -78,12 +84,7 @@ def test_truncated_cache_file_is_rebuilt(clean, tmp_path, pattern, caplog):
 )
 def test_truncated_upstream_file_is_rebuilt(clean, tmp_path, pattern):
     cache, reference = clean
-    copy = tmp_path / "cache"
-    shutil.copytree(cache, copy)
-    damaged = sorted(copy.glob(pattern))
-    assert damaged, pattern
-    for path in damaged:
-        _truncate(path)
+    copy, _ = _damaged_copy(cache, tmp_path, pattern)
     assert _same(_batches(copy, tokenizer=_tokenizer(cache)), reference)
 
 
