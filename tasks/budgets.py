@@ -120,7 +120,7 @@ class BudgetCheckpoints(pl.Callback):
         tmp = path.with_name(f".{path.name}.tmp")
         if trainer.is_global_zero:
             self.dirpath.mkdir(parents=True, exist_ok=True)
-        trainer.save_checkpoint(tmp)  # collective under DDP; rank 0 writes; ends with a barrier
+        trainer.save_checkpoint(tmp, weights_only=False)  # collective under DDP; rank 0 writes; ends with a barrier
         if trainer.is_global_zero:
             os.replace(tmp, path)
             self._publish(trainer)

@@ -301,7 +301,7 @@ class FinalCheckpoint(Checkpoint):
     def _save(self, trainer: pl.Trainer) -> None:
         if self.saved_step == trainer.global_step:
             return
-        trainer.save_checkpoint(self.path)  # atomic through AtomicCheckpointIO
+        trainer.save_checkpoint(self.path, weights_only=False)  # atomic through AtomicCheckpointIO
         self.saved_step = trainer.global_step
         log.info("saved the final state (step %d) to %s", trainer.global_step, self.path)
 
