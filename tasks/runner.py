@@ -470,9 +470,19 @@ class RunRecordCallback(pl.Callback):
         self._system_metrics.start()
 
     def _stop_system_metrics(self) -> None:
-        if self._system_metrics is not None:
-            self._system_metrics.finish()
-            self._system_metrics = None
+        monitor, self._system_metrics = self._system_metrics, None
+        if monitor is None:
+            return
+        monitor.finish()
+        # MLflow's monitor drops the samples of an unfinished interval when it is stopped, so a run shorter
+        # than one interval would have no system metrics at all: publish what it collected.
+        try:
+            pending = monitor.aggregate_metrics()
+            if pending:
+                monitor.publish_metrics(pending)
+                monitor.mlflow_logger.flush()
+        except Exception as err:  # system metrics are a convenience; never fail a finished run over them
+            log.warning("could not log the last system metrics: %s", err)
 
     # -- every validation ----------------------------------------------------------------------------------------
 
