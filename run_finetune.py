@@ -45,6 +45,7 @@ def train(cfg: DictConfig) -> float | None:
     )
     if encoder.state_dict is not None and ckpt_path is None:
         module.load_encoder(encoder.state_dict)
+        module.model.bert.reinit_top_layers(int(cfg.get("reinit_layers") or 0))
 
     init = "pretrained" if encoder.state_dict is not None else "scratch"
     logger = runner.build_logger(cfg, run_id, f"{cfg.task.name}-{init}-{datetime.now():%m%d-%H%M%S}")

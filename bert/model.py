@@ -274,6 +274,17 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(lambda m: _init_weights(m, config.initializer_range))
 
+    def reinit_top_layers(self, n: int) -> None:
+        """Random init again for the top `n` layers and the pooler: the layers nearest the pretraining heads are
+        the most specialised to MLM/NSP, and a small fine-tuning set can do better starting them afresh
+        (Zhang et al. 2021, "Revisiting few-sample BERT fine-tuning")."""
+        layers = self.encoder.layer
+        if not 0 <= n <= len(layers):
+            raise ValueError(f"reinit_layers={n}: the encoder has {len(layers)} layers")
+        modules = list(layers[len(layers) - n:]) + ([self.pooler] if n and self.pooler is not None else [])
+        for module in modules:
+            module.apply(lambda m: _init_weights(m, self.config.initializer_range))
+
     def forward(
         self,
         input_ids: torch.Tensor,

@@ -190,7 +190,8 @@ class TaskModule(pl.LightningModule):
         self._log_metrics("test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches),
+                               self.trainer)
 
 
 class FinetuneModule(TaskModule):

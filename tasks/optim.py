@@ -1,27 +1,49 @@
-"""AdamW with BERT's decay exclusions and a linear warmup / linear decay schedule, shared by all tasks."""
+"""AdamW with BERT's decay exclusions and a linear warmup / linear decay schedule, shared by all tasks.
+
+The decay can be keyed to the step budget (`max_steps`, the default) or to the time budget
+(`optim.time_keyed=true`: the lr reaches its floor at `trainer.max_time`, as in Cramming, Geiping & Goldstein
+2022), so that a time-limited run ends annealed instead of being cut off mid-schedule at a high lr.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+_LAYER = re.compile(r"(?:^|\.)bert\.encoder\.layer\.(\d+)\.")
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """BERT applies no weight decay to biases and LayerNorm weights (Devlin et al., Google's optimization.py)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if param.ndim < 2 or "LayerNorm" in name or name.endswith(".bias"):
-            no_decay.append(param)
-        else:
-            decay.append(param)
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for the embeddings, l + 1 for encoder layer l, num_layers + 1 for the pooler and every head."""
+    if ".embeddings." in f".{name}":
+        return 0
+    match = _LAYER.search(name)
+    return int(match.group(1)) + 1 if match else num_layers + 1
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 layer_decay: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """BERT applies no weight decay to biases and LayerNorm weights (Devlin et al., Google's optimization.py).
+    With `layer_decay`, each depth gets lr * layer_decay ** (distance from the top): the lower layers, which
+    pretraining made the most general, move least (ULMFiT / ELECTRA's layer-wise lr decay)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    depths = {layer_depth(n, 0) - 1 for n, _ in named if _LAYER.search(n)}
+    num_layers = max(depths) + 1 if depths else 0
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    for name, param in named:
+        no_decay = param.ndim < 2 or "LayerNorm" in name or name.endswith(".bias")
+        depth = layer_depth(name, num_layers) if layer_decay is not None else 0
+        group = groups.setdefault((depth, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay})
+        if layer_decay is not None:
+            group["lr"] = float(lr) * float(layer_decay) ** (num_layers + 1 - depth)
+        group["params"].append(param)
+    if layer_decay is None:  # the two groups of old, in their old order (checkpoints' optimizer states match)
+        return [groups.get((0, flag), {"params": [], "weight_decay": 0.0 if flag else weight_decay})
+                for flag in (False, True)]  # fmt: skip
+    return [groups[key] for key in sorted(groups)]
 
 
 def warmup_steps_from(optim: Mapping[str, Any], total_steps: int) -> int:
@@ -52,11 +74,65 @@ def linear_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0
     return factor
 
 
-def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_steps: int) -> dict[str, Any]:
-    """The dict Lightning's configure_optimizers returns: AdamW + per-step LambdaLR."""
+class BudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
+    """Linear warmup over `warmup_steps`, then linear decay to `min_lr_ratio` whichever budget runs out first:
+    the steps (`total_steps`) or the time (`clock() -> (elapsed_s, budget_s)`, e.g. Lightning's Timer, which
+    carries elapsed time over a resume). The decay's time axis starts where warmup ended."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
+                 min_lr_ratio: float = 0.0, clock: Callable[[], tuple[float, float] | None] | None = None) -> None:  # fmt: skip
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = max(total_steps, 1), warmup_steps, min_lr_ratio
+        self.clock = clock
+        self.warmup_end_s: float | None = None  # saved with the state, so a resumed run keeps its time axis
+        self.time_progress = 0.0
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / max(self.warmup_steps, 1)
+        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+        timing = self.clock() if self.clock is not None else None
+        if timing is not None:
+            elapsed, budget = timing
+            if self.warmup_end_s is None:
+                self.warmup_end_s = float(elapsed)
+            self.time_progress = (elapsed - self.warmup_end_s) / max(budget - self.warmup_end_s, 1e-9)
+            progress = max(progress, self.time_progress)
+        return max(self.min_lr_ratio, 1.0 - min(progress, 1.0) * (1.0 - self.min_lr_ratio))
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor(self.last_epoch)
+        return [base * factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        # plain values only (checkpoints load with weights_only): the clock is the trainer's, set again on resume
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "clock")}
+
+
+def trainer_clock(trainer: Any) -> Callable[[], tuple[float, float] | None]:
+    """(elapsed, budget) seconds of training from the trainer's Timer (there is one when max_time is set)."""
+    from pytorch_lightning.callbacks import Timer
+
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+    if timer is None or timer.time_remaining("train") is None:
+        raise ValueError("optim.time_keyed=true decays the lr to its floor at trainer.max_time: set trainer.max_time")
+
+    def clock() -> tuple[float, float] | None:
+        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
+        return None if remaining is None else (elapsed, elapsed + remaining)
+
+    return clock
+
+
+def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_steps: int,
+                    trainer: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the
+    time budget when `optim.time_keyed`)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
+    layer_decay = optim.get("layer_decay")
     optimizer = torch.optim.AdamW(
-        param_groups(model, float(optim.get("weight_decay", 0.01))),
+        param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
+                     None if layer_decay is None else float(layer_decay)),  # fmt: skip
         lr=float(optim["lr"]),
         betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-6)),
@@ -64,6 +140,10 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
         fused=bool(optim.get("fused", on_cpu or torch.cuda.is_available())),
     )
     warmup = warmup_steps_from(optim, total_steps)
+    if optim.get("time_keyed"):
+        clock = trainer_clock(trainer)
+        schedule = BudgetSchedule(optimizer, total_steps, warmup, float(optim.get("min_lr_ratio", 0.0)), clock)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, linear_schedule(total_steps, warmup, float(optim.get("min_lr_ratio", 0.0)))
     )

@@ -118,7 +118,8 @@ class PretrainModule(pl.LightningModule):
         self.log("val/mlm_ppl", torch.exp(mlm_loss.clamp(max=50.0)))
 
     def configure_optimizers(self) -> dict[str, Any]:
-        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches))
+        return build_optimizer(self.model, self.hparams.optim, int(self.trainer.estimated_stepping_batches),
+                               self.trainer)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # (the MLflow run id is stamped by tasks.runner.RunIdStamp, for every module)

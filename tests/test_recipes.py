@@ -1,0 +1,135 @@
+"""The recipe knobs of issue 12: the time-keyed schedule, layer-wise lr decay, re-initialised top layers, the
+study's shared scratch arm and the encoder-geometry diagnosis."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from bert.heads import BertForSequenceClassification
+from bert.model import BertConfig, BertModel
+from tasks.diagnose import effective_rank, geometry, lr_at_save
+from tasks.optim import BudgetSchedule, build_optimizer, layer_depth, param_groups
+
+SMALL = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=20)
+
+
+def schedule_with_clock(total_steps: int, warmup: int, budget_s: float, now: list[float]) -> BudgetSchedule:
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return BudgetSchedule(opt, total_steps, warmup, 0.0, clock=lambda: (now[0], budget_s))
+
+
+def lrs_over(schedule: BudgetSchedule, now: list[float], times: list[float]) -> list[float]:
+    out = []
+    for t in times:
+        now[0] = t
+        schedule.optimizer.step()
+        schedule.step()
+        out.append(schedule.get_last_lr()[0])
+    return out
+
+
+def test_time_keyed_schedule_reaches_the_floor_at_the_time_limit_not_at_max_steps():
+    now = [0.0]
+    schedule = schedule_with_clock(total_steps=1_000_000, warmup=4, budget_s=100.0, now=now)
+    lrs = lrs_over(schedule, now, [1, 2, 3, 4, 10, 55, 100, 120])
+    assert lrs[:3] == pytest.approx([0.5, 0.75, 1.0])  # warmup in steps
+    # decay from the end of warmup (t=4 s) to the budget (100 s), whatever max_steps says
+    assert lrs[4] == pytest.approx(1 - 6 / 96)
+    assert lrs[5] == pytest.approx(1 - 51 / 96)
+    assert lrs[6:] == [0.0, 0.0]
+
+
+def test_time_keyed_schedule_also_stops_at_max_steps_first():
+    now = [0.0]
+    schedule = schedule_with_clock(total_steps=10, warmup=0, budget_s=1e9, now=now)
+    assert lrs_over(schedule, now, [0.0] * 10)[-1] == pytest.approx(0.0)
+
+
+def test_time_keyed_schedule_state_is_plain_and_keeps_its_time_axis_over_a_resume():
+    now = [0.0]
+    schedule = schedule_with_clock(total_steps=1000, warmup=2, budget_s=100.0, now=now)
+    lrs_over(schedule, now, [5, 10, 20])  # warmup ended at t=10
+    buffer = io.BytesIO()
+    torch.save(schedule.state_dict(), buffer)  # a checkpoint must load with weights_only
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    assert "clock" not in state and state["warmup_end_s"] == 10.0
+    resumed = schedule_with_clock(total_steps=1000, warmup=2, budget_s=100.0, now=now)
+    resumed.load_state_dict(state)
+    assert lrs_over(resumed, now, [55])[0] == pytest.approx(1 - 45 / 90)
+
+
+def test_time_keyed_needs_a_time_limit():
+    class NoTimer:
+        callbacks: list = []
+
+    with pytest.raises(ValueError, match="trainer.max_time"):
+        build_optimizer(BertModel(SMALL), {"lr": 1e-3, "time_keyed": True, "warmup_steps": 0}, 10, NoTimer())
+
+
+def test_layer_depths_and_decayed_lrs():
+    model = BertForSequenceClassification(SMALL, num_labels=3)
+    assert layer_depth("bert.embeddings.word_embeddings.weight", 3) == 0
+    assert layer_depth("bert.encoder.layer.2.output.dense.weight", 3) == 3
+    assert layer_depth("classifier.weight", 3) == 4
+    groups = param_groups(model, 0.01, lr=1.0, layer_decay=0.5)
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())  # every parameter exactly once
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    wd_of = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["bert.embeddings.word_embeddings.weight"])] == pytest.approx(0.5**4)
+    assert lr_of[id(named["bert.encoder.layer.0.intermediate.dense.weight"])] == pytest.approx(0.5**3)
+    assert lr_of[id(named["bert.encoder.layer.2.intermediate.dense.weight"])] == pytest.approx(0.5)
+    head = [n for n in named if not n.startswith("bert.encoder") and not n.startswith("bert.embeddings")]
+    assert head and all(lr_of[id(named[n])] == 1.0 for n in head)  # pooler and classifier: the full lr
+    assert wd_of[id(named["bert.encoder.layer.1.output.LayerNorm.weight"])] == 0.0
+    assert wd_of[id(named["bert.encoder.layer.1.output.dense.bias"])] == 0.0
+    assert wd_of[id(named["bert.encoder.layer.1.output.dense.weight"])] == 0.01
+    # the optimizer keeps those per-group lrs as the schedule's base
+    out = build_optimizer(model, {"lr": 1.0, "layer_decay": 0.5, "warmup_steps": 0}, 10)
+    assert sorted({round(x, 6) for x in out["lr_scheduler"]["scheduler"].base_lrs}) == [0.0625, 0.125, 0.25, 0.5, 1.0]
+
+
+def test_without_layer_decay_the_two_groups_of_old():
+    groups = param_groups(BertForSequenceClassification(SMALL, num_labels=2), 0.01)
+    assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and all("lr" not in g for g in groups)
+
+
+def test_reinit_top_layers_resets_only_the_top():
+    torch.manual_seed(0)
+    model = BertModel(SMALL)
+    with torch.no_grad():  # "pretrained": move every weight away from its init
+        for p in model.parameters():
+            p.add_(1.0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.reinit_top_layers(1)
+    after = model.state_dict()
+    for key, value in after.items():
+        changed = not torch.equal(before[key], value)
+        assert changed == (key.startswith("encoder.layer.2.") or key.startswith("pooler.")), key
+    assert torch.equal(after["encoder.layer.2.output.LayerNorm.weight"], torch.ones(16))  # BERT's init
+    with pytest.raises(ValueError, match="reinit_layers=4"):
+        model.reinit_top_layers(4)
+
+
+def test_geometry_tells_collapsed_from_contextual_vectors():
+    torch.manual_seed(0)
+    ids = [torch.randint(0, 5, (12,)) for _ in range(40)]
+    table = torch.randn(5, 32)
+    context_free = [table[t] + 0.01 * torch.randn(len(t), 32) for t in ids]  # same id, same vector
+    one_direction = [v + 5.0 for v in context_free]  # ... and all sharing one direction (anisotropy)
+    contextual = [torch.randn(len(t), 32) for t in ids]
+    free, aniso, ctx = geometry(context_free, ids), geometry(one_direction, ids), geometry(contextual, ids)
+    assert aniso["cos"] > 0.9 > 0.2 > max(abs(free["cos"]), abs(ctx["cos"]))
+    assert free["self_sim"] > 0.5 > 0.05 > abs(ctx["self_sim"])
+    assert free["eff_rank"] < 6 < ctx["eff_rank"]
+    assert effective_rank(torch.randn(200, 8)) > 7  # isotropic: close to full rank
+
+
+def test_lr_at_save_reads_the_schedule_state():
+    assert lr_at_save({"lr_schedulers": [{"_last_lr": [2e-4], "base_lrs": [1e-3]}]}) == pytest.approx(0.2)
+    assert lr_at_save({}) is None
