@@ -1,10 +1,11 @@
 """How much does pretraining buy? Fine-tune every budget checkpoint of a pretraining run on every task.
 
-    python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|1000,3500]
+    python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|none|1000,3500]
         [seeds=3] [lrs=3e-4,1e-3] [arms=hf:<folder>,...] [scratch=true] [extra_args="trainer.max_epochs=6"]
         [out_dir=...] [dry_run=false]
 
-Arms: scratch (random init, same shape and tokenizer: the 0-minute point), each budget checkpoint the run kept
+Arms: scratch (random init, same shape and tokenizer: the 0-minute point; keyed by shape and tokenizer, so
+studies of same-shaped runs share it; `budgets=none` runs it alone), each budget checkpoint the run kept
 (`keep_checkpoints_at_steps` / `checkpoint_every_minutes` in pretraining), and any `hf:<folder>` transformers
 BERT as a named row. Each arm is fine-tuned on each task with the task's standard recipe (conf/task/<task>.yaml
 + conf/finetune.yaml + `extra_args`) at every learning rate in `lrs` and every seed; per arm and task, the
@@ -116,8 +117,22 @@ def budget_arms(budgets: Sequence[Mapping[str, Any]], run_id: str) -> list[Arm]:
     return arms
 
 
-def scratch_arm(like: Path, run_id: str) -> Arm:
-    identity = (("kind", "scratch"), ("like_run", run_id))
+def scratch_identity(like: Path) -> tuple[tuple[str, Any], ...]:
+    """Random init is decided by shape and tokenizer, not by which run they were copied from: keyed so, two
+    studies of same-shaped runs (e.g. a 30- and a 60-minute recipe) share one scratch arm."""
+    from tasks import checkpoints
+
+    hparams = checkpoints.meta(like)["hyper_parameters"]
+    # pretraining dropout is not part of a random init: fine-tuning sets the encoder's (task.encoder_dropout)
+    shape = {k: v for k, v in dict(hparams.get("model_config") or {}).items() if not k.endswith("dropout_prob")}
+    tok = Path(str(hparams.get("tokenizer_dir") or ""))
+    files = sorted(f for f in tok.glob("*") if f.is_file()) if tok.is_dir() else []
+    return (("kind", "scratch"), ("shape", json.dumps(shape, sort_keys=True, default=str)),
+            ("tokenizer", tuple((f.name, file_sha256(f)) for f in files)))  # fmt: skip
+
+
+def scratch_arm(like: Path) -> Arm:
+    identity = scratch_identity(like)
     return Arm("scratch", "scratch", ("pretrained=null", f"scratch_like={quote(like)}"), identity, 0, 0, 0.0)
 
 
@@ -377,7 +392,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ns = argparse.Namespace(
         run_id=args.run_id,
         tasks=tasks,
-        budgets=None if known["budgets"] == "all" else [int(s) for s in split(known["budgets"])],
+        # budgets=none: no checkpoint arms (scratch and hf arms only; scratch still copies a checkpoint's shape)
+        budgets=None if known["budgets"] == "all" else [] if known["budgets"] == "none" else
+        [int(s) for s in split(known["budgets"])],
         # seeds=3 means seeds 0, 1, 2; seeds=7,8 means those
         seeds=list(range(int(seeds))) if "," not in seeds else [int(s) for s in split(seeds)],
         lrs=[float(x) for x in split(known["lrs"])],
@@ -409,24 +426,25 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         tracking.ensure_store(uri, artifact_location, experiments=(EXPERIMENT,))
     client = MlflowClient(uri)
 
-    budgets = read_budgets(client, args.run_id, uri)
+    budgets = all_budgets = read_budgets(client, args.run_id, uri)
     if args.budgets is not None:
         wanted = set(args.budgets)
         unknown = wanted - {b["step"] for b in budgets}
         if unknown:
             raise SystemExit(f"budgets={sorted(unknown)}: run {args.run_id} kept only steps {[b['step'] for b in budgets]}")
         budgets = [b for b in budgets if b["step"] in wanted]
-    if not budgets and not args.arms:
+    like_from = budgets or all_budgets
+    if not budgets and not args.arms and not (args.budgets == [] and args.scratch):
         raise SystemExit(
             f"run {args.run_id} has no budget checkpoints: pretrain with keep_checkpoints_at_steps=[...] or "
             "checkpoint_every_minutes=<m> (see README, 'Study'), or pass arms=hf:<folder>"
         )
     arms: list[Arm] = []
     if args.scratch:
-        like = Path(budgets[0]["file"]) if budgets else None
+        like = Path(like_from[0]["file"]) if like_from else None
         if like is None:
             raise SystemExit("the scratch arm copies shape and tokenizer from a budget checkpoint: none found")
-        arms.append(scratch_arm(like, args.run_id))
+        arms.append(scratch_arm(like))
     arms += budget_arms(budgets, args.run_id)
     arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}") for ref in args.arms]
 

@@ -139,3 +139,31 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert "launched 0, reused 4, failed 0" in again.stdout, again.stdout[-3000:]
     assert f"parent run {parent.info.run_id}" in again.stdout  # the same study tree
     assert len([r for r in runs_of(workdir, "study") if r.data.tags.get("study_parent") == "true"]) == 1
+
+
+def test_scratch_arm_is_keyed_by_shape_and_tokenizer_not_by_run(mirror, tmp_path):
+    """Two studies of same-shaped runs (a 30- and a 60-minute recipe) share one scratch arm; another shape or
+    tokenizer is another arm. Pretraining dropout is not part of a random init."""
+    import torch
+
+    from tasks.study import scratch_identity
+    from tests.tiny_encoder import make_pretrain_checkpoint, make_tokenizer
+
+    tok_a, tok_b = make_tokenizer(mirror, tmp_path / "tok_a"), make_tokenizer(mirror, tmp_path / "tok_b", 500)
+    one = make_pretrain_checkpoint(tok_a, tmp_path / "one.ckpt", seed=0)
+    other_run = make_pretrain_checkpoint(tok_a, tmp_path / "two.ckpt", seed=1)
+    ckpt = torch.load(other_run, weights_only=True)
+    ckpt["hyper_parameters"]["model_config"]["hidden_dropout_prob"] = 0.0
+    ckpt["mlflow_run_id"] = "another-run"
+    torch.save(ckpt, other_run)
+    other_tokenizer = make_pretrain_checkpoint(tok_b, tmp_path / "three.ckpt")
+    assert scratch_identity(one) == scratch_identity(other_run)
+    assert scratch_identity(one) != scratch_identity(other_tokenizer)
+    ckpt["hyper_parameters"]["model_config"]["num_hidden_layers"] = 3
+    torch.save(ckpt, tmp_path / "deeper.ckpt")
+    assert scratch_identity(one) != scratch_identity(tmp_path / "deeper.ckpt")
+
+
+def test_budgets_none_means_scratch_and_hf_arms_only():
+    assert parse_args(["abc", "budgets=none"]).budgets == []
+    assert parse_args(["abc"]).budgets is None and parse_args(["abc", "budgets=5,7"]).budgets == [5, 7]
