@@ -1,0 +1,165 @@
+"""Why can a pretrained checkpoint fine-tune worse than random init? Look at what its encoder hands a head.
+
+    python -m tasks.diagnose <ckpt | run id> [<ckpt | run id> ...] [--sentences 400] [--no-scratch]
+
+For each encoder, and for a random init of the first one's shape (`scratch`), on KLUE-NER validation sentences
+(the encoders' own tokenizers), with dropout off:
+
+- `cos`: mean cosine between final-layer vectors of random token pairs from different sentences. Near 1 means
+  every token points the same way (anisotropy; Ethayarajh 2019): the head has little to tell tokens apart.
+- `self-sim`: mean cosine between vectors of the same token id in different sentences, minus `cos` (Ethayarajh's
+  anisotropy-adjusted self-similarity). High = a token's vector hardly depends on its context.
+- `eff. rank`: exp(entropy of the normalised singular values) of the centred token vectors (Roy & Vetterli
+  2007), out of the hidden size: how many directions the representations really use.
+- `cls cos`: mean cosine between the [CLS] vectors of different sentences (what sentence heads pool).
+- `lr at save`: the learning rate in the checkpoint over the schedule's peak. A run cut by its time limit while
+  the lr is still high ends on a noisy, unannealed point.
+
+It reads checkpoints (never runs code from them) and the KLUE-NER file the `ner` task uses; it trains nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("BERT_PROJECT_ROOT", str(ROOT))
+
+
+def effective_rank(x: torch.Tensor) -> float:
+    """exp(entropy) of the singular value distribution of the centred rows of x (Roy & Vetterli 2007)."""
+    s = torch.linalg.svdvals(x - x.mean(0, keepdim=True))
+    p = s / s.sum().clamp_min(1e-12)
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def geometry(hidden: list[torch.Tensor], ids: list[torch.Tensor], seed: int = 0, pairs: int = 20000) -> dict[str, float]:
+    """The numbers in the module docstring from per-sentence final-layer vectors `hidden[i]` (T_i, C) of the
+    token ids `ids[i]` (T_i,), [CLS] at position 0 and [SEP] last."""
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.cat([h[1:-1] for h in hidden])
+    token_ids = torch.cat([t[1:-1] for t in ids])
+    sentence = torch.cat([torch.full((len(h) - 2,), i) for i, h in enumerate(hidden)])
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+    a, b = torch.randint(len(unit), (2, pairs), generator=gen)
+    keep = sentence[a] != sentence[b]
+    cos = float((unit[a[keep]] * unit[b[keep]]).sum(-1).mean())
+    same = []
+    for token in torch.unique(token_ids):
+        where = (token_ids == token).nonzero().flatten()
+        if len(torch.unique(sentence[where])) < 2:
+            continue
+        v = unit[where[:50]]
+        sims = v @ v.T
+        n = len(v)
+        same.append(float((sims.sum() - n) / (n * (n - 1))))
+    cls = torch.nn.functional.normalize(torch.stack([h[0] for h in hidden]), dim=-1)
+    n = len(cls)
+    cls_cos = float(((cls @ cls.T).sum() - n) / max(n * (n - 1), 1))
+    return {
+        "cos": cos,
+        "self_sim": (sum(same) / len(same) - cos) if same else math.nan,
+        "eff_rank": effective_rank(tokens),
+        "cls_cos": cls_cos,
+    }
+
+
+def lr_at_save(ckpt: dict[str, Any]) -> float | None:
+    """The learning rate the checkpoint's schedule was at, over its peak (1.0 = not decayed at all)."""
+    schedulers = ckpt.get("lr_schedulers") or []
+    if not schedulers:
+        return None
+    state = schedulers[0]
+    last, base = state.get("_last_lr"), state.get("base_lrs")
+    if not last or not base or not base[0]:
+        return None
+    return float(last[0]) / float(base[0])
+
+
+@torch.no_grad()
+def encode(bert: torch.nn.Module, items: Sequence[dict[str, Any]]) -> list[torch.Tensor]:
+    bert.eval()
+    out = []
+    for item in items:
+        hidden, _ = bert(item["input_ids"][None], item["token_type_ids"][None], item["attention_mask"][None])
+        out.append(hidden[0])
+    return out
+
+
+def diagnose(refs: Sequence[str], sentences: int = 400, scratch: bool = True, seed: int = 0) -> list[dict[str, Any]]:
+    """One row per encoder (scratch first): the geometry numbers plus step and lr at save."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from bert.model import BertConfig, BertModel, load_state_dict_checked
+    from tasks import checkpoints
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("finetune", overrides=["task=ner"])
+    rows, data_by_tokenizer = [], {}
+    loaded = []
+    for ref in refs:
+        path = checkpoints.resolve(ref, cfg.logger.tracking_uri)
+        ckpt = checkpoints.load(path)
+        hparams = dict(ckpt.get("hyper_parameters") or {})
+        run = str(ckpt.get("mlflow_run_id") or "")[:8]
+        loaded.append((f"{run}/{path.name}" if run else str(ref), path, ckpt, hparams))
+    if scratch and loaded:
+        _, path, _, hparams = loaded[0]
+        loaded.insert(0, ("scratch", path, None, hparams))
+    for name, path, ckpt, hparams in loaded:
+        config = {k: v for k, v in dict(hparams["model_config"]).items()}
+        config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        torch.manual_seed(seed)
+        bert = BertModel(BertConfig(**config))
+        if ckpt is not None:
+            state = checkpoints.encoder_state(ckpt, path)
+            load_state_dict_checked(bert, state, strict=False)
+        tokenizer_dir = str(hparams["tokenizer_dir"])
+        if tokenizer_dir not in data_by_tokenizer:
+            dm = instantiate(cfg.task.data, tokenizer_dir=tokenizer_dir)
+            dm.prepare_data()
+            dm.setup("validate")
+            val = dm.datasets["val"]
+            data_by_tokenizer[tokenizer_dir] = [val[i] for i in range(min(sentences, len(val)))]
+        items = data_by_tokenizer[tokenizer_dir]
+        numbers = geometry(encode(bert, items), [it["input_ids"] for it in items], seed)
+        rows.append({"encoder": name, "step": None if ckpt is None else ckpt.get("global_step"),
+                     "lr_at_save": None if ckpt is None else lr_at_save(ckpt), **numbers,
+                     "hidden": config["hidden_size"]})  # fmt: skip
+    return rows
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    def fmt(v: Any, spec: str) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+    lines = ["| encoder | step | lr at save / peak | cos | self-sim | eff. rank | cls cos |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['encoder']} | {fmt(r['step'], ',')} | {fmt(r['lr_at_save'], '.2f')} | {fmt(r['cos'], '.3f')} | "
+                     f"{fmt(r['self_sim'], '.3f')} | {fmt(r['eff_rank'], '.1f')} / {r['hidden']} | "
+                     f"{fmt(r['cls_cos'], '.3f')} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.diagnose", description=__doc__.split("\n")[0])
+    parser.add_argument("encoders", nargs="+", help="checkpoint files or MLflow run ids (their last checkpoint)")
+    parser.add_argument("--sentences", type=int, default=400, help="KLUE-NER validation sentences to encode")
+    parser.add_argument("--no-scratch", action="store_true", help="leave out the random-init row")
+    args = parser.parse_args(argv)
+    print(table(diagnose(args.encoders, args.sentences, not args.no_scratch)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
