@@ -167,3 +167,23 @@ def test_scratch_arm_is_keyed_by_shape_and_tokenizer_not_by_run(mirror, tmp_path
 def test_budgets_none_means_scratch_and_hf_arms_only():
     assert parse_args(["abc", "budgets=none"]).budgets == []
     assert parse_args(["abc"]).budgets is None and parse_args(["abc", "budgets=5,7"]).budgets == [5, 7]
+
+
+def test_search_gains_are_against_the_same_studys_scratch():
+    from tasks.search import gains, table
+
+    def cell(mean, std, val):
+        return {"mean": mean, "std": std, "n": 3, "lr": 1e-3, "val": val}
+
+    study = {"rows": [
+        {"arm": "scratch", "kind": "scratch", "cells": {"ner": cell(0.60, 0.01, 0.62), "sts": cell(0.10, 0.05, 0.1)}},
+        {"arm": "step 900", "kind": "budget", "cells": {"ner": cell(0.70, 0.02, 0.71), "sts": cell(0.12, 0.01, 0.0)}},
+    ]}  # fmt: skip
+    (row,) = gains(study, ["ner", "sts"])
+    assert row["tasks"]["ner"]["val_gain"] == pytest.approx(0.09)
+    assert row["tasks"]["ner"]["beats"] and not row["tasks"]["sts"]["beats"]  # +0.02 is within the 0.05 spread
+    assert row["mean_val_gain"] == pytest.approx((0.09 - 0.1) / 2)
+    text = table([{**row, "label": "run · step 900", "recipe": "r"}], ["ner", "sts"])
+    assert "+0.090 (test +0.100* ± 0.020)" in text and "+0.020 ± 0.050" in text
+    with pytest.raises(ValueError, match="no scratch arm"):
+        gains({"rows": study["rows"][1:]}, ["ner"])

@@ -1,0 +1,108 @@
+"""The recipe search table: each pretraining recipe's gain over scratch, per task, from finished studies.
+
+    python -m tasks.search <study parent run id> [<study parent run id> ...] [--out search.md]
+
+Each study (`python -m tasks.study`) fine-tuned scratch and one or more checkpoints of a pretraining run on
+the tasks, 3 seeds each, at each arm's best learning rate on validation. This prints, per checkpoint:
+the **validation** gain over the scratch arm of the same study (the number a recipe is chosen by, mean over
+seeds), its mean over tasks, and the **test** gain with both arms' seed spreads, flagged `*` where the gain is
+larger than the larger of the two spreads. Rows are sorted by mean validation gain: the recipes that lost
+stay in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("BERT_PROJECT_ROOT", str(ROOT))
+
+
+def gains(study: Mapping[str, Any], tasks: Sequence[str]) -> list[dict[str, Any]]:
+    """Rows of one study.json: every non-scratch arm against that study's scratch arm."""
+    rows = study["rows"]
+    scratch = next((r for r in rows if r["kind"] == "scratch"), None)
+    if scratch is None:
+        raise ValueError("the study has no scratch arm: gains need one")
+    out = []
+    for row in rows:
+        if row["kind"] == "scratch":
+            continue
+        per_task = {}
+        for task in tasks:
+            arm, base = row["cells"].get(task), scratch["cells"].get(task)
+            if not arm or not base:
+                continue
+            test_gain = arm["mean"] - base["mean"]
+            spread = max(arm["std"] or 0.0, base["std"] or 0.0)
+            per_task[task] = {"val_gain": arm["val"] - base["val"], "test_gain": test_gain, "spread": spread,
+                              "beats": test_gain > spread, "test": arm["mean"], "test_std": arm["std"],
+                              "scratch": base["mean"], "scratch_std": base["std"]}  # fmt: skip
+        vals = [c["val_gain"] for c in per_task.values()]
+        out.append({"arm": row["arm"], "minutes": row.get("minutes"), "steps": row.get("steps"), "tasks": per_task,
+                    "mean_val_gain": sum(vals) / len(vals) if vals else float("nan")})  # fmt: skip
+    return out
+
+
+def load_study(client, parent_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(study.json, study_spec.json) of a study parent run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        study = json.loads(Path(client.download_artifacts(parent_id, "study.json", tmp)).read_text())
+        spec = json.loads(Path(client.download_artifacts(parent_id, "study_spec.json", tmp)).read_text())
+    return study, spec
+
+
+def table(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
+    head = "| pretraining run · checkpoint | fine-tuning recipe | " + " | ".join(tasks) + " | mean val gain |"
+    lines = [head, "|---|---|" + "---|" * len(tasks) + "---:|"]
+    for e in sorted(entries, key=lambda e: -e["mean_val_gain"]):
+        cells = []
+        for task in tasks:
+            c = e["tasks"].get(task)
+            if c is None:
+                cells.append("–")
+                continue
+            mark = "*" if c["beats"] else ""
+            cells.append(f"{c['val_gain']:+.3f} (test {c['test_gain']:+.3f}{mark} ± {c['spread']:.3f})")
+        lines.append(f"| {e['label']} | {e['recipe']} | " + " | ".join(cells) + f" | {e['mean_val_gain']:+.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tasks.search", description=__doc__.split("\n")[0])
+    parser.add_argument("studies", nargs="+", help="study parent run ids (experiment 'study')")
+    parser.add_argument("--out", help="also write the table to this markdown file")
+    args = parser.parse_args(argv)
+
+    from hydra import compose, initialize_config_dir
+    from mlflow.tracking import MlflowClient
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        uri = compose("finetune").logger.tracking_uri
+    client = MlflowClient(uri)
+    entries, tasks = [], []
+    for parent in args.studies:
+        study, spec = load_study(client, parent)
+        tasks += [t for t in spec["tasks"] if t not in tasks]
+        name = client.get_run(spec["pretrain_run"]).data.tags.get("mlflow.runName", spec["pretrain_run"][:8])
+        recipe = " ".join(spec.get("recipe") or []) or "task defaults"
+        for entry in gains(study, spec["tasks"]):
+            entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}"})
+    text = (
+        "Validation gain over scratch, mean over seeds, at each arm's best lr (test gain; ± = the larger seed "
+        "std of the two arms; * = test gain larger than that)\n\n" + table(entries, tasks)
+    )
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
