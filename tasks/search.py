@@ -4,7 +4,8 @@
 
 Each study (`python -m tasks.study`) fine-tuned scratch and one or more checkpoints of a pretraining run on
 the tasks, 3 seeds each, at each arm's best learning rate on validation. This prints, per checkpoint:
-the **validation** gain over the scratch arm of the same study (the number a recipe is chosen by, mean over
+the **validation** gain over the scratch arm of the same study (or of `--scratch <study>` for studies run
+with `scratch=false`, e.g. pretrained-only knobs like `optim.layer_decay`) (the number a recipe is chosen by, mean over
 seeds), its mean over tasks, and the **test** gain with both arms' seed spreads, flagged `*` where the gain is
 larger than the larger of the two spreads. Rows are sorted by mean validation gain: the recipes that lost
 stay in the table.
@@ -25,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("BERT_PROJECT_ROOT", str(ROOT))
 
 
-def gains(study: Mapping[str, Any], tasks: Sequence[str]) -> list[dict[str, Any]]:
-    """Rows of one study.json: every non-scratch arm against that study's scratch arm."""
+def gains(study: Mapping[str, Any], tasks: Sequence[str], scratch: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows of one study.json: every non-scratch arm against that study's scratch arm (or `scratch`, a row of
+    another study, for pretrained-only fine-tuning knobs such as layer_decay or reinit_layers)."""
     rows = study["rows"]
-    scratch = next((r for r in rows if r["kind"] == "scratch"), None)
+    scratch = next((r for r in rows if r["kind"] == "scratch"), scratch)
     if scratch is None:
         raise ValueError("the study has no scratch arm: gains need one")
     out = []
@@ -79,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.search", description=__doc__.split("\n")[0])
     parser.add_argument("studies", nargs="+", help="study parent run ids (experiment 'study')")
     parser.add_argument("--out", help="also write the table to this markdown file")
+    parser.add_argument("--scratch", help="study whose scratch arm serves studies run with scratch=false")
     args = parser.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
@@ -88,12 +91,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         uri = compose("finetune").logger.tracking_uri
     client = MlflowClient(uri)
     entries, tasks = [], []
+    fallback = None
+    if args.scratch:
+        fallback = next(r for r in load_study(client, args.scratch)[0]["rows"] if r["kind"] == "scratch")
     for parent in args.studies:
         study, spec = load_study(client, parent)
         tasks += [t for t in spec["tasks"] if t not in tasks]
         name = client.get_run(spec["pretrain_run"]).data.tags.get("mlflow.runName", spec["pretrain_run"][:8])
         recipe = " ".join(spec.get("recipe") or []) or "task defaults"
-        for entry in gains(study, spec["tasks"]):
+        for entry in gains(study, spec["tasks"], fallback):
             entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}"})
     text = (
         "Validation gain over scratch, mean over seeds, at each arm's best lr (test gain; ± = the larger seed "
