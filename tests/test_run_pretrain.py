@@ -392,3 +392,31 @@ def test_stop_saves_the_last_step_and_resume_continues_it(cache_dir, tmp_path, s
     assert after.info.run_id == run.info.run_id
     assert _logged_steps(tmp_path, run.info.run_id, stopped_ms) == list(range(ckpt_step, ckpt_step + 5))
     assert after.data.tags["stop_reason"] == "max_steps"
+
+
+@pytest.mark.parametrize("preset", ["cpu_30min", "cpu_60min"])
+def test_recommended_presets_run_under_fdr(preset, cache_dir, tmp_path):
+    """The README's recommended pretraining recipes compose and train (a few steps) as a user starts them."""
+    check(run_cli("run.py", [f"experiment={preset}", *SMALL, "debug=fdr"], tmp_path, cache_dir))
+    (run,) = runs_of(tmp_path)
+    params, tags = run.data.params, run.data.tags
+    assert (params["optim.time_keyed"], params["model.hidden_size"], params["trainer.max_time"]) == (
+        "True", "256", "00:00:30:00" if preset == "cpu_30min" else "00:01:00:00")  # fmt: skip
+    assert tags["experiment"] == preset and tags["stop_reason"] == "max_steps"
+    assert len(client_for(tmp_path).get_metric_history(run.info.run_id, "lr")) == 3
+
+
+@pytest.mark.slow
+def test_time_keyed_schedule_ends_annealed_at_max_time(cache_dir, tmp_path):
+    """optim.time_keyed: a run stopped by max_time ends with the lr at its floor, not mid-schedule."""
+    args = [*SMALL, "optim.time_keyed=true", "optim.warmup_steps=5", "optim.warmup_fraction=null",
+            "trainer.max_steps=100000", "trainer.max_time=00:00:00:20", "trainer.val_check_interval=1000",
+            "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "checkpoint_every_n_steps=1000"]  # fmt: skip
+    check(run_cli("run.py", args, tmp_path, cache_dir))
+    (run,) = runs_of(tmp_path)
+    assert run.data.tags["stop_reason"] == "max_time"
+    lrs = [m.value for m in sorted(client_for(tmp_path).get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)]
+    peak = max(lrs)
+    assert len(lrs) > 20 and lrs.index(peak) <= 6  # warmup in steps, then decay
+    assert lrs[-1] < 0.1 * peak  # annealed at the time limit, although max_steps was 100,000
+    assert all(b <= a + 1e-12 for a, b in zip(lrs[6:], lrs[7:]))  # monotone decay
