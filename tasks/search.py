@@ -53,6 +53,19 @@ def gains(study: Mapping[str, Any], tasks: Sequence[str], scratch: Mapping[str, 
     return out
 
 
+def merge(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (checkpoint, fine-tuning recipe): studies of the same checkpoint and recipe on different
+    tasks (e.g. NER in one command, STS in another) are one recipe; the mean is over all their tasks."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for entry in entries:
+        row = merged.setdefault((entry["label"], entry["recipe"]), {**entry, "tasks": {}})
+        row["tasks"].update(entry["tasks"])
+    for row in merged.values():
+        vals = [c["val_gain"] for c in row["tasks"].values()]
+        row["mean_val_gain"] = sum(vals) / len(vals) if vals else float("nan")
+    return list(merged.values())
+
+
 def load_study(client, parent_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(study.json, study_spec.json) of a study parent run."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,6 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         recipe = " ".join(spec.get("recipe") or []) or "task defaults"
         for entry in gains(study, spec["tasks"], fallback):
             entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}"})
+    entries = merge(entries)
     text = (
         "Validation gain over scratch, mean over seeds, at each arm's best lr (test gain; ± = the larger seed "
         "std of the two arms; * = test gain larger than that)\n\n" + table(entries, tasks)

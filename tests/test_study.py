@@ -187,3 +187,14 @@ def test_search_gains_are_against_the_same_studys_scratch():
     assert "+0.090 (test +0.100* ± 0.020)" in text and "+0.020 ± 0.050" in text
     with pytest.raises(ValueError, match="no scratch arm"):
         gains({"rows": study["rows"][1:]}, ["ner"])
+
+
+def test_search_merges_one_recipe_studied_task_by_task():
+    from tasks.search import merge
+
+    def entry(task, gain):
+        return {"label": "run · step 9", "recipe": "r", "tasks": {task: {"val_gain": gain}}, "mean_val_gain": gain}
+
+    (row,) = merge([entry("ner", 0.1), entry("sts", -0.2)])
+    assert set(row["tasks"]) == {"ner", "sts"} and row["mean_val_gain"] == pytest.approx(-0.05)
+    assert len(merge([entry("ner", 0.1), {**entry("ner", 0.1), "recipe": "other"}])) == 2
