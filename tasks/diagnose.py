@@ -42,6 +42,12 @@ def effective_rank(x: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def mean_offdiagonal_cosine(unit: torch.Tensor) -> float:
+    """Mean cosine between distinct rows of `unit` (unit-norm rows)."""
+    n = len(unit)
+    return float(((unit @ unit.T).sum() - n) / max(n * (n - 1), 1))
+
+
 def geometry(hidden: list[torch.Tensor], ids: list[torch.Tensor], seed: int = 0, pairs: int = 20000) -> dict[str, float]:
     """The numbers in the module docstring from per-sentence final-layer vectors `hidden[i]` (T_i, C) of the
     token ids `ids[i]` (T_i,), [CLS] at position 0 and [SEP] last."""
@@ -58,13 +64,8 @@ def geometry(hidden: list[torch.Tensor], ids: list[torch.Tensor], seed: int = 0,
         where = (token_ids == token).nonzero().flatten()
         if len(torch.unique(sentence[where])) < 2:
             continue
-        v = unit[where[:50]]
-        sims = v @ v.T
-        n = len(v)
-        same.append(float((sims.sum() - n) / (n * (n - 1))))
-    cls = torch.nn.functional.normalize(torch.stack([h[0] for h in hidden]), dim=-1)
-    n = len(cls)
-    cls_cos = float(((cls @ cls.T).sum() - n) / max(n * (n - 1), 1))
+        same.append(mean_offdiagonal_cosine(unit[where[:50]]))
+    cls_cos = mean_offdiagonal_cosine(torch.nn.functional.normalize(torch.stack([h[0] for h in hidden]), dim=-1))
     return {
         "cos": cos,
         "self_sim": (sum(same) / len(same) - cos) if same else math.nan,
@@ -117,7 +118,7 @@ def diagnose(refs: Sequence[str], sentences: int = 400, scratch: bool = True, se
         _, path, _, hparams = loaded[0]
         loaded.insert(0, ("scratch", path, None, hparams))
     for name, path, ckpt, hparams in loaded:
-        config = {k: v for k, v in dict(hparams["model_config"]).items()}
+        config = dict(hparams["model_config"])
         config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
         torch.manual_seed(seed)
         bert = BertModel(BertConfig(**config))

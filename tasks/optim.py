@@ -62,14 +62,19 @@ def warmup_steps_from(optim: Mapping[str, Any], total_steps: int) -> int:
     return int(fraction * total_steps)
 
 
-def linear_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0):
+def linear_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0,
+                    time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:  # fmt: skip
+    """step -> lr factor: linear warmup, then linear decay to min_lr_ratio over the steps, or sooner when
+    `time_progress()` (the share of the time budget used since warmup) is further along."""
     total_steps = max(total_steps, 1)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(warmup_steps, 1)
         progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-        return max(min_lr_ratio, 1.0 - progress * (1.0 - min_lr_ratio))
+        if time_progress is not None:
+            progress = max(progress, time_progress())
+        return max(min_lr_ratio, 1.0 - min(progress, 1.0) * (1.0 - min_lr_ratio))
 
     return factor
 
@@ -87,18 +92,18 @@ class BudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
         self.time_progress = 0.0
         super().__init__(optimizer)
 
-    def factor(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return (step + 1) / max(self.warmup_steps, 1)
-        progress = (step - self.warmup_steps) / max(self.total_steps - self.warmup_steps, 1)
+    def _time_progress(self) -> float:
         timing = self.clock() if self.clock is not None else None
         if timing is not None:
             elapsed, budget = timing
             if self.warmup_end_s is None:
                 self.warmup_end_s = float(elapsed)
             self.time_progress = (elapsed - self.warmup_end_s) / max(budget - self.warmup_end_s, 1e-9)
-            progress = max(progress, self.time_progress)
-        return max(self.min_lr_ratio, 1.0 - min(progress, 1.0) * (1.0 - self.min_lr_ratio))
+        return self.time_progress
+
+    def factor(self, step: int) -> float:
+        schedule = linear_schedule(self.total_steps, self.warmup_steps, self.min_lr_ratio, self._time_progress)
+        return schedule(step)
 
     def get_lr(self) -> list[float]:
         factor = self.factor(self.last_epoch)
