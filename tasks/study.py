@@ -80,13 +80,16 @@ def recipe_overrides(extra_args: Sequence[str]) -> list[str]:
     return [a for a in extra_args if not a.startswith(NOT_RECIPE)]
 
 
-def study_key(task: str, arm_identity: Mapping[str, Any], seed: int, lr: float, recipe: Sequence[str]) -> str:
-    """A stable hash of what determines one fine-tuning result; equal keys = the run can be reused."""
-    blob = json.dumps(
-        {"v": KEY_VERSION, "task": task, "arm": dict(arm_identity), "seed": int(seed), "lr": float(lr),
-         "recipe": list(recipe)},
-        sort_keys=True,
-    )  # fmt: skip
+def study_key(task: str, arm_identity: Mapping[str, Any], seed: int, lr: float, recipe: Sequence[str],
+              data_version: int | None = None) -> str:  # fmt: skip
+    """A stable hash of what determines one fine-tuning result; equal keys = the run can be reused.
+    `data_version` is the task config's (`task.data_version`): bumped when a task's split or labels change, so
+    runs made on the old data are not reused; absent = not in the key (keys made before it existed hold)."""
+    content = {"v": KEY_VERSION, "task": task, "arm": dict(arm_identity), "seed": int(seed), "lr": float(lr),
+               "recipe": list(recipe)}  # fmt: skip
+    if data_version is not None:
+        content["data"] = int(data_version)
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:20]
 
 
@@ -148,9 +151,10 @@ def hf_arm(ref: str) -> Arm:
 
 
 def plan_jobs(tasks: Sequence[str], arms: Sequence[Arm], seeds: Sequence[int], lrs: Sequence[float],
-              recipe: Sequence[str]) -> list[Job]:  # fmt: skip
+              recipe: Sequence[str], data_versions: Mapping[str, int | None] | None = None) -> list[Job]:  # fmt: skip
+    versions = data_versions or {}
     return [
-        Job(task, arm, seed, lr, study_key(task, dict(arm.identity), seed, lr, recipe))
+        Job(task, arm, seed, lr, study_key(task, dict(arm.identity), seed, lr, recipe, versions.get(task)))
         for task in tasks
         for arm in arms
         for lr in lrs
@@ -449,7 +453,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}") for ref in args.arms]
 
     recipe = recipe_overrides(args.extra_args)
-    jobs = plan_jobs(args.tasks, arms, args.seeds, args.lrs, recipe)
+    versions = {task: cfg.task.get("data_version") for task, cfg in configs.items()}
+    jobs = plan_jobs(args.tasks, arms, args.seeds, args.lrs, recipe, versions)
     spec = {"pretrain_run": args.run_id, "tasks": args.tasks, "arms": [a.name for a in arms], "seeds": args.seeds,
             "lrs": args.lrs, "recipe": recipe}  # fmt: skip
     print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs x "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -30,11 +31,18 @@ def datamodule(cls, mirror, tokenizer_dir, files, **kw):
     return dm
 
 
-def test_real_nli_file_splits_by_index(mirror, tokenizer_dir):
+def test_real_nli_file_splits_by_premise(mirror, tokenizer_dir):
     dm = datamodule(KlueNliDataModule, mirror, tokenizer_dir, [{"name": "klue/klue-nli-v1.1_dev.json"}], labels=NLI)
     assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 2400, "val": 300, "test": 300}
+    premises = {name: {ex.text_a for ex in ds.examples} for name, ds in dm.datasets.items()}
+    # KLUE gives each premise one hypothesis per label: a premise shared across splits would show a model the
+    # two other labels in train (anti-informative), so no premise may be in two splits
+    assert not premises["train"] & premises["val"] and not premises["train"] & premises["test"]
+    assert not premises["val"] & premises["test"]
+    for name, ds in dm.datasets.items():
+        assert Counter(ex.label for ex in ds.examples) == Counter({label: len(ds) // 3 for label in NLI}), name
     test = dm.datasets["test"]
-    assert test.examples[1].guid == "klue-nli-v1_dev_00010"  # i % 10 == 0
+    assert test.examples[0].guid == "klue-nli-v1_dev_00000"  # premise 0 -> test
     item = test.items[0]
     assert item["input_ids"][0] == 2 and item["token_type_ids"].max() == 1 and item["labels"].dtype == torch.long
     batch = collate_sentences([test[i] for i in range(5)])

@@ -26,8 +26,10 @@ def test_study_key_is_stable_and_says_what_changes_a_result():
         study_key("ner", ARM, 1, 1e-3, ["trainer.max_epochs=6"]),
         study_key("ner", ARM, 0, 3e-4, ["trainer.max_epochs=6"]),
         study_key("ner", ARM, 0, 1e-3, ["trainer.max_epochs=3"]),
+        study_key("ner", ARM, 0, 1e-3, ["trainer.max_epochs=6"], data_version=2),  # the task's data changed
     ]
-    assert len({key, *changed}) == 6
+    assert len({key, *changed}) == 7
+    assert study_key("ner", ARM, 0, 1e-3, ["trainer.max_epochs=6"], data_version=None) == key
     # pinned: a new key scheme must bump KEY_VERSION on purpose, or finished studies would rerun everything
     assert key == "c345292d14856307e8d8"
     # where files go is not part of the recipe
