@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tasks.study import ALL_TASKS
+
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("BERT_PROJECT_ROOT", str(ROOT))
 
@@ -74,6 +76,13 @@ def load_study(client, parent_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return study, spec
 
 
+def stale_tasks(spec: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """Tasks of a study made on other data than the task configs now name (`task.data_version`; a study from
+    before the key existed counts as None): their numbers no longer describe the task."""
+    made = spec.get("data_versions") or {}
+    return [t for t in spec["tasks"] if made.get(t) != current.get(t)]
+
+
 def table(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     head = "| pretraining run · checkpoint | fine-tuning recipe | " + " | ".join(tasks) + " | mean val gain |"
     lines = [head, "|---|---|" + "---|" * len(tasks) + "---:|"]
@@ -102,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         uri = compose("finetune").logger.tracking_uri
+        versions = {t: compose("finetune", [f"task={t}"]).task.get("data_version") for t in ALL_TASKS}
     client = MlflowClient(uri)
     entries, tasks = [], []
     fallback = None
@@ -109,6 +119,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         fallback = next(r for r in load_study(client, args.scratch)[0]["rows"] if r["kind"] == "scratch")
     for parent in args.studies:
         study, spec = load_study(client, parent)
+        stale = stale_tasks(spec, versions)
+        if stale:
+            print(f"study {parent[:8]}: left out {', '.join(stale)}: made on older data (task.data_version changed)")
+            spec = {**spec, "tasks": [t for t in spec["tasks"] if t not in stale]}
         tasks += [t for t in spec["tasks"] if t not in tasks]
         name = client.get_run(spec["pretrain_run"]).data.tags.get("mlflow.runName", spec["pretrain_run"][:8])
         recipe = " ".join(spec.get("recipe") or []) or "task defaults"

@@ -456,7 +456,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     versions = {task: cfg.task.get("data_version") for task, cfg in configs.items()}
     jobs = plan_jobs(args.tasks, arms, args.seeds, args.lrs, recipe, versions)
     spec = {"pretrain_run": args.run_id, "tasks": args.tasks, "arms": [a.name for a in arms], "seeds": args.seeds,
-            "lrs": args.lrs, "recipe": recipe}  # fmt: skip
+            "lrs": args.lrs, "recipe": recipe, "data_versions": versions}  # fmt: skip
     print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs x "
           f"{len(args.seeds)} seeds = {len(jobs)} fine-tuning runs")  # fmt: skip
     if args.dry_run:

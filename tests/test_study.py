@@ -191,6 +191,15 @@ def test_search_gains_are_against_the_same_studys_scratch():
         gains({"rows": study["rows"][1:]}, ["ner"])
 
 
+def test_search_leaves_out_tasks_studied_on_older_data():
+    from tasks.search import stale_tasks
+
+    now = {"ner": None, "nli": 2, "sts": None, "topic": None}
+    assert stale_tasks({"tasks": ["nli", "topic"]}, now) == ["nli"]  # a study from before data_version
+    assert stale_tasks({"tasks": ["nli", "topic"], "data_versions": {"nli": 2, "topic": None}}, now) == []
+    assert stale_tasks({"tasks": ["nli"], "data_versions": {"nli": 3}}, now) == ["nli"]
+
+
 def test_search_merges_one_recipe_studied_task_by_task():
     from tasks.search import merge
 
