@@ -8,7 +8,9 @@ the **validation** gain over the scratch arm of the same study (or of `--scratch
 with `scratch=false`, e.g. pretrained-only knobs like `optim.layer_decay`) (the number a recipe is chosen by, mean over
 seeds), its mean over tasks, and the **test** gain with both arms' seed spreads, flagged `*` where the gain is
 larger than the larger of the two spreads. Rows are sorted by mean validation gain: the recipes that lost
-stay in the table.
+stay in the table. A second table, the verdict, sets each checkpoint at its best fine-tuning recipe against
+scratch at *its* best (both chosen on val), so that more epochs or another lr that help scratch as much are
+not credited to pretraining.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def gains(study: Mapping[str, Any], tasks: Sequence[str], scratch: Mapping[str, 
             spread = max(arm["std"] or 0.0, base["std"] or 0.0)
             per_task[task] = {"val_gain": arm["val"] - base["val"], "test_gain": test_gain, "spread": spread,
                               "beats": test_gain > spread, "test": arm["mean"], "test_std": arm["std"],
-                              "scratch": base["mean"], "scratch_std": base["std"]}  # fmt: skip
+                              "scratch": base["mean"], "scratch_std": base["std"], "val": arm["val"],
+                              "scratch_val": base["val"], "lr": arm.get("lr"), "scratch_lr": base.get("lr")}  # fmt: skip
         vals = [c["val_gain"] for c in per_task.values()]
         out.append({"arm": row["arm"], "minutes": row.get("minutes"), "steps": row.get("steps"), "tasks": per_task,
                     "mean_val_gain": sum(vals) / len(vals) if vals else float("nan")})  # fmt: skip
@@ -86,7 +89,7 @@ def stale_tasks(spec: Mapping[str, Any], current: Mapping[str, Any]) -> list[str
 def table(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     head = "| pretraining run · checkpoint | fine-tuning recipe | " + " | ".join(tasks) + " | mean val gain |"
     lines = [head, "|---|---|" + "---|" * len(tasks) + "---:|"]
-    for e in sorted(entries, key=lambda e: -e["mean_val_gain"]):
+    for e in sorted((e for e in entries if e["tasks"]), key=lambda e: -e["mean_val_gain"]):
         cells = []
         for task in tasks:
             c = e["tasks"].get(task)
@@ -97,6 +100,36 @@ def table(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
             cells.append(f"{c['val_gain']:+.3f} (test {c['test_gain']:+.3f}{mark} ± {c['spread']:.3f})")
         lines.append(f"| {e['label']} | {e['recipe']} | " + " | ".join(cells) + f" | {e['mean_val_gain']:+.3f} |")
     return "\n".join(lines)
+
+
+def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
+    """Per checkpoint and task: the pretrained arm at its best fine-tuning recipe against scratch at *its* best,
+    both chosen on val. A recipe that helps scratch too (more epochs, another lr) must not count as a
+    pretraining gain, so this, not a row of the search table, is the verdict."""
+    lines = ["| pretraining run · checkpoint | task | pretrained: recipe, lr → val, test | "
+             "scratch: recipe, lr → val, test | test gain | > larger spread? |", "|---|---|---|---|---:|---|"]
+    for label in dict.fromkeys(e["label"] for e in entries):
+        mine = [e for e in entries if e["label"] == label]
+        for task in tasks:
+            cells = [(e["recipe"], e["tasks"][task]) for e in mine if task in e["tasks"]]
+            if not cells:
+                continue
+            arm_recipe, arm = max(cells, key=lambda rc: rc[1]["val"])
+            base_recipe, base = max(cells, key=lambda rc: rc[1]["scratch_val"])
+            gain = arm["test"] - base["scratch"]
+            spread = max(arm["test_std"] or 0.0, base["scratch_std"] or 0.0)
+            verdict = "yes" if gain > spread else ("no, worse" if gain < -spread else "no (within spread)")
+            lines.append(
+                f"| {label} | {task} | {_recipe(arm_recipe)}, lr {arm['lr']:g} → {arm['val']:.3f}, "
+                f"{arm['test']:.3f} ± {arm['test_std'] or 0.0:.3f} | {_recipe(base_recipe)}, lr {base['scratch_lr']:g} → "
+                f"{base['scratch_val']:.3f}, {base['scratch']:.3f} ± {base['scratch_std'] or 0.0:.3f} | {gain:+.3f} | {verdict} |"
+            )
+    return "\n".join(lines)
+
+
+def _recipe(recipe: str) -> str:
+    """The overrides of a recipe label, without the lr grid (the chosen lr is its own column)."""
+    return recipe.rsplit(", lrs ", 1)[0]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -123,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if stale:
             print(f"study {parent[:8]}: left out {', '.join(stale)}: made on older data (task.data_version changed)")
             spec = {**spec, "tasks": [t for t in spec["tasks"] if t not in stale]}
+        if not spec["tasks"]:
+            continue
         tasks += [t for t in spec["tasks"] if t not in tasks]
         name = client.get_run(spec["pretrain_run"]).data.tags.get("mlflow.runName", spec["pretrain_run"][:8])
         recipe = " ".join(spec.get("recipe") or []) or "task defaults"
@@ -131,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     entries = merge(entries)
     text = (
         "Validation gain over scratch, mean over seeds, at each arm's best lr (test gain; ± = the larger seed "
-        "std of the two arms; * = test gain larger than that)\n\n" + table(entries, tasks)
+        "std of the two arms; * = test gain larger than that)\n\n" + table(entries, tasks) + "\n\n"
+        "Best against best: each arm at the fine-tuning recipe and lr with its best mean val, test mean ± std over "
+        "seeds\n\n" + best_vs_best(entries, tasks)
     )
     print(text)
     if args.out:

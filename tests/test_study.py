@@ -209,3 +209,27 @@ def test_search_merges_one_recipe_studied_task_by_task():
     (row,) = merge([entry("ner", 0.1), entry("sts", -0.2)])
     assert set(row["tasks"]) == {"ner", "sts"} and row["mean_val_gain"] == pytest.approx(-0.05)
     assert len(merge([entry("ner", 0.1), {**entry("ner", 0.1), "recipe": "other"}])) == 2
+
+
+def test_search_best_against_best_picks_each_arms_recipe_on_val():
+    """A fine-tuning recipe that lifts scratch too must not count as pretraining's gain: each arm gets its own
+    best recipe by val, and the test gain is taken between those two."""
+    from tasks.search import best_vs_best, gains
+
+    def cell(mean, std, val, lr=1e-3):
+        return {"mean": mean, "std": std, "n": 3, "lr": lr, "val": val}
+
+    short = {"rows": [{"arm": "scratch", "kind": "scratch", "cells": {"sts": cell(0.30, 0.02, 0.40)}},
+                      {"arm": "step 9", "kind": "budget", "cells": {"sts": cell(0.10, 0.02, 0.20)}}]}  # fmt: skip
+    long = {"rows": [{"arm": "scratch", "kind": "scratch", "cells": {"sts": cell(0.20, 0.01, 0.30, 3e-4)}},
+                     {"arm": "step 9", "kind": "budget", "cells": {"sts": cell(0.35, 0.04, 0.50, 3e-4)}}]}  # fmt: skip
+    entries = [{**gains(s, ["sts"])[0], "label": "run · step 9", "recipe": f"{r}, lrs [0.001]"}
+               for s, r in ((short, "trainer.max_epochs=6"), (long, "trainer.max_epochs=20"))]  # fmt: skip
+    (line,) = best_vs_best(entries, ["sts"]).splitlines()[2:]
+    # pretrained at 20 epochs (val 0.50) against scratch at 6 epochs (val 0.40): +0.05 on test, beyond 0.04
+    assert "trainer.max_epochs=20, lr 0.0003 → 0.500, 0.350 ± 0.040" in line
+    assert "trainer.max_epochs=6, lr 0.001 → 0.400, 0.300 ± 0.020" in line
+    assert "| +0.050 | yes |" in line
+    long["rows"][1]["cells"]["sts"] = cell(0.28, 0.04, 0.50, 3e-4)
+    entries[1] = {**gains(long, ["sts"])[0], "label": "run · step 9", "recipe": "trainer.max_epochs=20, lrs [0.001]"}
+    assert "| -0.020 | no (within spread) |" in best_vs_best(entries, ["sts"])
