@@ -3,6 +3,9 @@
 The decay can be keyed to the step budget (`max_steps`, the default) or to the time budget
 (`optim.time_keyed=true`: the lr reaches its floor at `trainer.max_time`, as in Cramming, Geiping & Goldstein
 2022), so that a time-limited run ends annealed instead of being cut off mid-schedule at a high lr.
+`optim.decay_fraction` < 1 holds the peak lr and decays only over the last share of the budget
+(warmup-stable-decay, Hägele et al. 2024): a short budget otherwise spends its plateau-escaping steps at a
+lr that is already falling.
 """
 
 from __future__ import annotations
@@ -63,10 +66,14 @@ def warmup_steps_from(optim: Mapping[str, Any], total_steps: int) -> int:
 
 
 def linear_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0.0,
-                    time_progress: Callable[[], float] | None = None) -> Callable[[int], float]:  # fmt: skip
+                    time_progress: Callable[[], float] | None = None,
+                    decay_fraction: float = 1.0) -> Callable[[int], float]:  # fmt: skip
     """step -> lr factor: linear warmup, then linear decay to min_lr_ratio over the steps, or sooner when
-    `time_progress()` (the share of the time budget used since warmup) is further along."""
+    `time_progress()` (the share of the time budget used since warmup) is further along. With
+    `decay_fraction` d < 1 the peak holds until a share 1 - d of the budget is used and the decay takes the rest."""
     total_steps = max(total_steps, 1)
+    if not 0.0 < decay_fraction <= 1.0:
+        raise ValueError(f"optim.decay_fraction={decay_fraction}: the share of the budget the decay takes, in (0, 1]")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -74,6 +81,7 @@ def linear_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float = 0
         progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
         if time_progress is not None:
             progress = max(progress, time_progress())
+        progress = max(0.0, progress - (1.0 - decay_fraction)) / decay_fraction
         return max(min_lr_ratio, 1.0 - min(progress, 1.0) * (1.0 - min_lr_ratio))
 
     return factor
@@ -85,8 +93,10 @@ class BudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
     carries elapsed time over a resume). The decay's time axis starts where warmup ended."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int,
-                 min_lr_ratio: float = 0.0, clock: Callable[[], tuple[float, float] | None] | None = None) -> None:  # fmt: skip
+                 min_lr_ratio: float = 0.0, clock: Callable[[], tuple[float, float] | None] | None = None,
+                 decay_fraction: float = 1.0) -> None:  # fmt: skip
         self.total_steps, self.warmup_steps, self.min_lr_ratio = max(total_steps, 1), warmup_steps, min_lr_ratio
+        self.decay_fraction = decay_fraction
         self.clock = clock
         self.warmup_end_s: float | None = None  # saved with the state, so a resumed run keeps its time axis
         self.time_progress = 0.0
@@ -102,7 +112,8 @@ class BudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
         return self.time_progress
 
     def factor(self, step: int) -> float:
-        schedule = linear_schedule(self.total_steps, self.warmup_steps, self.min_lr_ratio, self._time_progress)
+        schedule = linear_schedule(self.total_steps, self.warmup_steps, self.min_lr_ratio, self._time_progress,
+                                   self.decay_fraction)  # fmt: skip
         return schedule(step)
 
     def get_lr(self) -> list[float]:
@@ -145,11 +156,10 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
         fused=bool(optim.get("fused", on_cpu or torch.cuda.is_available())),
     )
     warmup = warmup_steps_from(optim, total_steps)
+    floor, decay_fraction = float(optim.get("min_lr_ratio", 0.0)), float(optim.get("decay_fraction", 1.0))
     if optim.get("time_keyed"):
         clock = trainer_clock(trainer)
-        schedule = BudgetSchedule(optimizer, total_steps, warmup, float(optim.get("min_lr_ratio", 0.0)), clock)
+        schedule = BudgetSchedule(optimizer, total_steps, warmup, floor, clock, decay_fraction)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, linear_schedule(total_steps, warmup, float(optim.get("min_lr_ratio", 0.0)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup, floor, None, decay_fraction))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

@@ -48,6 +48,26 @@ def test_time_keyed_schedule_also_stops_at_max_steps_first():
     assert lrs_over(schedule, now, [0.0] * 10)[-1] == pytest.approx(0.0)
 
 
+def test_decay_fraction_holds_the_peak_then_decays_over_the_last_share_of_the_time_budget():
+    now = [0.0]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = BudgetSchedule(opt, 1_000_000, 2, 0.0, clock=lambda: (now[0], 102.0), decay_fraction=0.2)
+    # warmup ends at t=2; the budget after it is 100 s: peak until t=82, then linear to 0 at t=102
+    lrs = lrs_over(schedule, now, [1, 2, 50, 82, 92, 102])
+    assert lrs == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.5, 0.0])
+
+
+def test_decay_fraction_on_steps_and_its_bounds():
+    from tasks.optim import linear_schedule
+
+    factor = linear_schedule(total_steps=110, warmup_steps=10, decay_fraction=0.25)
+    assert [factor(s) for s in (5, 10, 85, 97.5, 110)] == pytest.approx([0.6, 1.0, 1.0, 0.5, 0.0])
+    plain = linear_schedule(total_steps=110, warmup_steps=10)
+    assert plain(60) == pytest.approx(0.5)  # decay_fraction=1: the linear decay of old
+    with pytest.raises(ValueError, match="decay_fraction"):
+        linear_schedule(10, 0, decay_fraction=0.0)
+
+
 def test_time_keyed_schedule_state_is_plain_and_keeps_its_time_axis_over_a_resume():
     now = [0.0]
     schedule = schedule_with_clock(total_steps=1000, warmup=2, budget_s=100.0, now=now)
