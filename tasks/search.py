@@ -71,6 +71,26 @@ def merge(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(merged.values())
 
 
+def scratch_groups(scratch_keys: Mapping[str, set[str]]) -> dict[str, str]:
+    """study -> the first study of its group; studies that share a scratch run (same shape, tokenizer, task
+    data, recipe and lr give the same run key) fine-tune the same random init, and so share scratch's best."""
+    parent = {s: s for s in scratch_keys}
+
+    def root(s: str) -> str:
+        while parent[s] != s:
+            s = parent[s]
+        return s
+
+    owner: dict[str, str] = {}
+    for study, keys in scratch_keys.items():
+        for key in keys:
+            if key in owner:
+                parent[root(study)] = root(owner[key])
+            else:
+                owner[key] = study
+    return {s: root(s) for s in scratch_keys}
+
+
 def load_study(client, parent_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(study.json, study_spec.json) of a study parent run."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,17 +125,23 @@ def table(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
 def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     """Per checkpoint and task: the pretrained arm at its best fine-tuning recipe against scratch at *its* best,
     both chosen on val. A recipe that helps scratch too (more epochs, another lr) must not count as a
-    pretraining gain, so this, not a row of the search table, is the verdict."""
+    pretraining gain, so this, not a row of the search table, is the verdict. Scratch's best is taken over
+    every study of the same random init (`scratch_group`), so a run studied with fewer recipes is not
+    measured against a weaker bar."""
     lines = ["| pretraining run · checkpoint | task | pretrained: recipe, lr → val, test | "
              "scratch: recipe, lr → val, test | test gain | > larger spread? |", "|---|---|---|---|---:|---|"]
     for label in dict.fromkeys(e["label"] for e in entries):
         mine = [e for e in entries if e["label"] == label]
+        group = mine[0].get("scratch_group", label)
+        same_init = [e for e in entries if e.get("scratch_group", e["label"]) == group]
         for task in tasks:
             cells = [(e["recipe"], e["tasks"][task]) for e in mine if task in e["tasks"]]
             if not cells:
                 continue
             arm_recipe, arm = max(cells, key=lambda rc: rc[1]["val"])
-            base_recipe, base = max(cells, key=lambda rc: rc[1]["scratch_val"])
+            # scratch at its best over every recipe any study of this random init tried, not only this run's
+            pool = [(e["recipe"], e["tasks"][task]) for e in same_init if task in e["tasks"]]
+            base_recipe, base = max(pool, key=lambda rc: rc[1]["scratch_val"])
             gain = arm["test"] - base["scratch"]
             spread = max(arm["test_std"] or 0.0, base["scratch_std"] or 0.0)
             verdict = "yes" if gain > spread else ("no, worse" if gain < -spread else "no (within spread)")
@@ -125,6 +151,10 @@ def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
                 f"{base['scratch_val']:.3f}, {base['scratch']:.3f} ± {base['scratch_std'] or 0.0:.3f} | {gain:+.3f} | {verdict} |"
             )
     return "\n".join(lines)
+
+
+def _scratch_keys(study: Mapping[str, Any]) -> set[str]:
+    return {r["key"] for r in study.get("runs", []) if (r.get("tags") or {}).get("study_arm") == "scratch"}
 
 
 def _recipe(recipe: str) -> str:
@@ -146,12 +176,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         uri = compose("finetune").logger.tracking_uri
         versions = {t: compose("finetune", [f"task={t}"]).task.get("data_version") for t in ALL_TASKS}
     client = MlflowClient(uri)
-    entries, tasks = [], []
+    entries, tasks, scratch_keys = [], [], {}
     fallback = None
     if args.scratch:
-        fallback = next(r for r in load_study(client, args.scratch)[0]["rows"] if r["kind"] == "scratch")
+        scratch_study = load_study(client, args.scratch)[0]
+        fallback = next(r for r in scratch_study["rows"] if r["kind"] == "scratch")
+        scratch_keys[args.scratch] = _scratch_keys(scratch_study)
     for parent in args.studies:
         study, spec = load_study(client, parent)
+        # a study run with scratch=false is compared with --scratch's arm: it belongs to that group
+        scratch_keys.setdefault(parent, set()).update(_scratch_keys(study) or scratch_keys.get(args.scratch, set()))
+        scratch_keys[parent].add(f"pretrain_run:{spec['pretrain_run']}")  # one run's studies: one random init
         stale = stale_tasks(spec, versions)
         if stale:
             print(f"study {parent[:8]}: left out {', '.join(stale)}: made on older data (task.data_version changed)")
@@ -162,8 +197,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         name = client.get_run(spec["pretrain_run"]).data.tags.get("mlflow.runName", spec["pretrain_run"][:8])
         recipe = " ".join(spec.get("recipe") or []) or "task defaults"
         for entry in gains(study, spec["tasks"], fallback):
-            entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}"})
-    entries = merge(entries)
+            entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}",
+                            "study": parent})  # fmt: skip
+    groups = scratch_groups(scratch_keys)
+    entries = merge([{**e, "scratch_group": groups[e.pop("study")]} for e in entries])
     text = (
         "Validation gain over scratch, mean over seeds, at each arm's best lr (test gain; ± = the larger seed "
         "std of the two arms; * = test gain larger than that)\n\n" + table(entries, tasks) + "\n\n"

@@ -233,3 +233,29 @@ def test_search_best_against_best_picks_each_arms_recipe_on_val():
     long["rows"][1]["cells"]["sts"] = cell(0.28, 0.04, 0.50, 3e-4)
     entries[1] = {**gains(long, ["sts"])[0], "label": "run · step 9", "recipe": "trainer.max_epochs=20, lrs [0.001]"}
     assert "| -0.020 | no (within spread) |" in best_vs_best(entries, ["sts"])
+
+
+def test_search_pools_scratch_over_every_study_of_the_same_random_init():
+    """Scratch's best recipe may have been tried only in another run's study; studies that share a scratch run
+    (same shape and tokenizer) share scratch's best, and studies of another init do not."""
+    from tasks.search import best_vs_best, gains, scratch_groups
+
+    assert scratch_groups({"a": {"k1", "k2"}, "b": {"k2"}, "c": {"k3"}, "d": {"k3", "k9"}}) == {
+        "a": "a", "b": "a", "c": "c", "d": "c"}  # fmt: skip
+
+    def study(scratch_val, scratch_test, arm_val, arm_test):
+        return {"rows": [{"arm": "scratch", "kind": "scratch", "cells": {"sts": {"mean": scratch_test, "std": 0.01,
+                                                                                  "n": 3, "lr": 1e-3, "val": scratch_val}}},
+                         {"arm": "step 9", "kind": "budget", "cells": {"sts": {"mean": arm_test, "std": 0.01, "n": 3,
+                                                                                "lr": 3e-4, "val": arm_val}}}]}  # fmt: skip
+
+    sixty = {**gains(study(0.40, 0.30, 0.50, 0.35), ["sts"])[0], "label": "sixty · step 9", "recipe": "6 ep",
+             "scratch_group": "g"}  # fmt: skip
+    thirty = {**gains(study(0.20, 0.10, 0.30, 0.25), ["sts"])[0], "label": "thirty · step 9", "recipe": "20 ep",
+              "scratch_group": "g"}  # fmt: skip
+    lines = best_vs_best([sixty, thirty], ["sts"]).splitlines()[2:]
+    # thirty's own study ran scratch only at 20 epochs (val 0.20); scratch's best (6 ep, val 0.40) is the bar
+    assert "| thirty · step 9 | sts |" in lines[1] and "6 ep, lr 0.001 → 0.400, 0.300" in lines[1]
+    assert "| -0.050 | no, worse |" in lines[1]
+    alone = best_vs_best([sixty, {**thirty, "scratch_group": "other"}], ["sts"]).splitlines()[3]
+    assert "20 ep, lr 0.001 → 0.200, 0.100" in alone and "| +0.150 | yes |" in alone
