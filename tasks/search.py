@@ -185,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for parent in args.studies:
         study, spec = load_study(client, parent)
         # a study run with scratch=false is compared with --scratch's arm: it belongs to that group
-        scratch_keys.setdefault(parent, set()).update(_scratch_keys(study) or scratch_keys.get(args.scratch, set()))
-        scratch_keys[parent].add(f"pretrain_run:{spec['pretrain_run']}")  # one run's studies: one random init
+        # one run's studies share one random init
+        scratch_keys[parent] = (_scratch_keys(study) or scratch_keys.get(args.scratch, set())) | {
+            f"pretrain_run:{spec['pretrain_run']}"}  # fmt: skip
         stale = stale_tasks(spec, versions)
         if stale:
             print(f"study {parent[:8]}: left out {', '.join(stale)}: made on older data (task.data_version changed)")
