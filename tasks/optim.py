@@ -28,23 +28,30 @@ def layer_depth(name: str, num_layers: int) -> int:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
-                 layer_decay: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
+                 layer_decay: float | None = None, head_lr_scale: float | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """BERT applies no weight decay to biases and LayerNorm weights (Devlin et al., Google's optimization.py).
     With `layer_decay`, each depth gets lr * layer_decay ** (distance from the top): the lower layers, which
-    pretraining made the most general, move least (ULMFiT / ELECTRA's layer-wise lr decay)."""
+    pretraining made the most general, move least (ULMFiT / ELECTRA's layer-wise lr decay). With
+    `head_lr_scale`, the parameters outside `bert.` (classifier, CRF transitions) get lr * head_lr_scale: they
+    start from random init, and under Adam a weight moves about lr per step, so a few hundred fine-tuning steps
+    at an encoder's lr leave a CRF's transition scores close to their init."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     depths = {layer_depth(n, 0) - 1 for n, _ in named if _LAYER.search(n)}
     num_layers = max(depths) + 1 if depths else 0
-    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    per_group_lr = layer_decay is not None or head_lr_scale is not None
+    groups: dict[tuple[int, bool, bool], dict[str, Any]] = {}
     for name, param in named:
         no_decay = param.ndim < 2 or "LayerNorm" in name or name.endswith(".bias")
         depth = layer_depth(name, num_layers) if layer_decay is not None else 0
-        group = groups.setdefault((depth, no_decay), {"params": [], "weight_decay": 0.0 if no_decay else weight_decay})
-        if layer_decay is not None:
-            group["lr"] = float(lr) * float(layer_decay) ** (num_layers + 1 - depth)
+        head = head_lr_scale is not None and not name.startswith("bert.")
+        key = (depth, head, no_decay)
+        group = groups.setdefault(key, {"params": [], "weight_decay": 0.0 if no_decay else weight_decay})
+        if per_group_lr:
+            scale = float(layer_decay) ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
+            group["lr"] = float(lr) * scale * (float(head_lr_scale) if head else 1.0)
         group["params"].append(param)
-    if layer_decay is None:  # the two groups of old, in their old order (checkpoints' optimizer states match)
-        return [groups.get((0, flag), {"params": [], "weight_decay": 0.0 if flag else weight_decay})
+    if not per_group_lr:  # the two groups of old, in their old order (checkpoints' optimizer states match)
+        return [groups.get((0, False, flag), {"params": [], "weight_decay": 0.0 if flag else weight_decay})
                 for flag in (False, True)]  # fmt: skip
     return [groups[key] for key in sorted(groups)]
 
@@ -145,10 +152,11 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
     """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the
     time budget when `optim.time_keyed`)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    layer_decay = optim.get("layer_decay")
+    layer_decay, head_lr_scale = optim.get("layer_decay"), optim.get("head_lr_scale")
     optimizer = torch.optim.AdamW(
         param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
-                     None if layer_decay is None else float(layer_decay)),  # fmt: skip
+                     None if layer_decay is None else float(layer_decay),
+                     None if head_lr_scale is None else float(head_lr_scale)),  # fmt: skip
         lr=float(optim["lr"]),
         betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-6)),

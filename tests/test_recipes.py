@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from bert.heads import BertForSequenceClassification
+from bert.heads import BertCrfTagger, BertForSequenceClassification
 from bert.model import BertConfig, BertModel
 from tasks.diagnose import effective_rank, geometry, lr_at_save
 from tasks.optim import BudgetSchedule, build_optimizer, layer_depth, param_groups
@@ -117,6 +117,22 @@ def test_layer_depths_and_decayed_lrs():
 def test_without_layer_decay_the_two_groups_of_old():
     groups = param_groups(BertForSequenceClassification(SMALL, num_labels=2), 0.01)
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and all("lr" not in g for g in groups)
+
+
+def test_head_lr_scale_multiplies_only_the_head():
+    model = BertCrfTagger(SMALL, num_tags=5)
+    named = dict(model.named_parameters())
+    lr_of = {id(p): g["lr"] for g in param_groups(model, 0.01, lr=1.0, head_lr_scale=10.0) for p in g["params"]}
+    assert sorted(lr_of) == sorted(id(p) for p in model.parameters())
+    for name, param in named.items():  # classifier and CRF transitions at 10x, the whole encoder at 1x
+        assert lr_of[id(param)] == (10.0 if name.split(".")[0] in ("classifier", "crf") else 1.0), name
+    # with layer decay too: the head keeps the top depth's lr, times the scale
+    both = {id(p): g["lr"] for g in param_groups(model, 0.01, lr=1.0, layer_decay=0.5, head_lr_scale=10.0)
+            for p in g["params"]}  # fmt: skip
+    assert both[id(named["crf.transitions"])] == pytest.approx(10.0)
+    assert both[id(named["bert.encoder.layer.2.output.dense.weight"])] == pytest.approx(0.5)
+    out = build_optimizer(model, {"lr": 2.0, "head_lr_scale": 10.0, "warmup_steps": 0}, 10)
+    assert sorted({round(x, 6) for x in out["lr_scheduler"]["scheduler"].base_lrs}) == [2.0, 20.0]
 
 
 def test_reinit_top_layers_resets_only_the_top():
