@@ -16,6 +16,13 @@ For each encoder, and for a random init of the first one's shape (`scratch`), on
   the lr is still high ends on a noisy, unannealed point.
 
 It reads checkpoints (never runs code from them) and the KLUE-NER file the `ner` task uses; it trains nothing.
+
+    python -m tasks.diagnose --crf <fine-tuned NER ckpt | run id> [...]
+
+looks at the other end, the CRF of fine-tuned NER checkpoints: the mean transition score into I-X from the tags
+that make the pair ill-formed IOB2 (O, or B-/I- of another type) and from the ones that make it well-formed, the
+start score of I-X, and the largest |score|. pytorch-crf starts them uniform in +-0.1; how far fine-tuning moved
+them says whether the CRF learned IOB2's grammar or left it to the emissions (`optim.head_lr_scale`).
 """
 
 from __future__ import annotations
@@ -140,6 +147,43 @@ def diagnose(refs: Sequence[str], sentences: int = 400, scratch: bool = True, se
     return rows
 
 
+def crf_transitions(ckpt: dict[str, Any]) -> dict[str, float]:
+    """Transition statistics of a fine-tuned CRF tagger checkpoint (see the module docstring)."""
+    hparams = dict(ckpt.get("hyper_parameters") or {})
+    labels, state = list(hparams.get("labels") or []), ckpt.get("state_dict") or {}
+    if "model.crf.transitions" not in state or not labels:
+        raise ValueError("not a fine-tuned NER (CRF) checkpoint: no model.crf.transitions or no labels in it")
+    trans, start = state["model.crf.transitions"].float(), state["model.crf.start_transitions"].float()
+    ill, well, into_inside = [], [], [j for j, b in enumerate(labels) if b.startswith("I-")]
+    for i, a in enumerate(labels):
+        for j in into_inside:
+            (well if a[:2] in ("B-", "I-") and a[2:] == labels[j][2:] else ill).append(float(trans[i, j]))
+    return {"ill_formed_to_i": sum(ill) / len(ill), "well_formed_to_i": sum(well) / len(well),
+            "start_to_i": float(start[into_inside].mean()), "max_abs": float(trans.abs().max()),
+            "head_lr_scale": (hparams.get("optim") or {}).get("head_lr_scale"),
+            "lr": (hparams.get("optim") or {}).get("lr")}  # fmt: skip
+
+
+def crf_table(refs: Sequence[str]) -> str:
+    from hydra import compose, initialize_config_dir
+
+    from tasks import checkpoints
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        uri = compose("finetune", overrides=["task=ner"]).logger.tracking_uri
+    lines = ["| checkpoint | lr | head_lr_scale | ill-formed -> I-X | well-formed -> I-X | start -> I-X | max abs |",
+             "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for ref in refs:
+        path = checkpoints.resolve(ref, uri)
+        ckpt = checkpoints.load(path)
+        r = crf_transitions(ckpt)
+        run = str(ckpt.get("mlflow_run_id") or "")[:8]
+        lines.append(f"| {run + '/' if run else ''}{path.name} | {r['lr']} | {r['head_lr_scale'] or 1} | "
+                     f"{r['ill_formed_to_i']:+.2f} | {r['well_formed_to_i']:+.2f} | {r['start_to_i']:+.2f} | "
+                     f"{r['max_abs']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -158,7 +202,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("encoders", nargs="+", help="checkpoint files or MLflow run ids (their last checkpoint)")
     parser.add_argument("--sentences", type=int, default=400, help="KLUE-NER validation sentences to encode")
     parser.add_argument("--no-scratch", action="store_true", help="leave out the random-init row")
+    parser.add_argument("--crf", action="store_true", help="fine-tuned NER checkpoints: their CRF transitions")
     args = parser.parse_args(argv)
+    if args.crf:
+        print(crf_table(args.encoders))
+        return
     print(table(diagnose(args.encoders, args.sentences, not args.no_scratch)))
 
 

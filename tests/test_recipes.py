@@ -169,3 +169,21 @@ def test_geometry_tells_collapsed_from_contextual_vectors():
 def test_lr_at_save_reads_the_schedule_state():
     assert lr_at_save({"lr_schedulers": [{"_last_lr": [2e-4], "base_lrs": [1e-3]}]}) == pytest.approx(0.2)
     assert lr_at_save({}) is None
+
+
+def test_crf_transitions_separate_ill_formed_from_well_formed_pairs():
+    from tasks.diagnose import crf_transitions
+
+    labels = ["O", "B-PS", "I-PS", "B-LC", "I-LC"]
+    trans = torch.zeros(5, 5)
+    trans[0, 2] = trans[0, 4] = -4.0  # O -> I-X: ill-formed
+    trans[3, 2] = trans[4, 2] = trans[1, 4] = trans[2, 4] = -2.0  # another type's B/I -> I-X: ill-formed
+    trans[1, 2] = trans[2, 2] = trans[3, 4] = trans[4, 4] = 3.0  # B-X / I-X -> I-X: well-formed
+    ckpt = {"hyper_parameters": {"labels": labels, "optim": {"lr": 1e-3, "head_lr_scale": 10}},
+            "state_dict": {"model.crf.transitions": trans, "model.crf.start_transitions": torch.tensor([0, 0, -1.0, 0, -3.0])}}  # fmt: skip
+    r = crf_transitions(ckpt)
+    assert r["ill_formed_to_i"] == pytest.approx((2 * -4.0 + 4 * -2.0) / 6)
+    assert r["well_formed_to_i"] == pytest.approx(3.0) and r["start_to_i"] == pytest.approx(-2.0)
+    assert r["max_abs"] == 4.0 and r["head_lr_scale"] == 10
+    with pytest.raises(ValueError, match="not a fine-tuned NER"):
+        crf_transitions({"hyper_parameters": {"labels": labels}, "state_dict": {}})
