@@ -103,16 +103,22 @@ def encode(bert: torch.nn.Module, items: Sequence[dict[str, Any]]) -> list[torch
     return out
 
 
+def ner_config() -> Any:
+    """The composed `finetune task=ner` config: the NER data and the MLflow store both commands read."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("finetune", overrides=["task=ner"])
+
+
 def diagnose(refs: Sequence[str], sentences: int = 400, scratch: bool = True, seed: int = 0) -> list[dict[str, Any]]:
     """One row per encoder (scratch first): the geometry numbers plus step and lr at save."""
-    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     from bert.model import BertConfig, BertModel, load_state_dict_checked
     from tasks import checkpoints
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("finetune", overrides=["task=ner"])
+    cfg = ner_config()
     rows, data_by_tokenizer = [], {}
     loaded = []
     for ref in refs:
@@ -165,12 +171,9 @@ def crf_transitions(ckpt: dict[str, Any]) -> dict[str, float]:
 
 
 def crf_table(refs: Sequence[str]) -> str:
-    from hydra import compose, initialize_config_dir
-
     from tasks import checkpoints
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        uri = compose("finetune", overrides=["task=ner"]).logger.tracking_uri
+    uri = ner_config().logger.tracking_uri
     lines = ["| checkpoint | lr | head_lr_scale | ill-formed -> I-X | well-formed -> I-X | start -> I-X | max abs |",
              "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for ref in refs:

@@ -152,11 +152,9 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
     """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the
     time budget when `optim.time_keyed`)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
-    layer_decay, head_lr_scale = optim.get("layer_decay"), optim.get("head_lr_scale")
     optimizer = torch.optim.AdamW(
         param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
-                     None if layer_decay is None else float(layer_decay),
-                     None if head_lr_scale is None else float(head_lr_scale)),  # fmt: skip
+                     optim.get("layer_decay"), optim.get("head_lr_scale")),  # fmt: skip
         lr=float(optim["lr"]),
         betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-6)),
