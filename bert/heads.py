@@ -5,10 +5,14 @@
 - `BertCrfTagger`: token emissions -> linear-chain CRF (KLUE-NER). pytorch-crf needs a bool mask whose first
   timestep is on and valid tag ids everywhere (even under the mask), and returns a *summed log-likelihood*:
   the wrapper turns that into a mean negative log-likelihood. Its encoder has no pooler, so that plain DDP
-  sees no unused parameters.
+  sees no unused parameters. Decoding can be constrained to tag paths IOB2 allows (`iob2_allowed`): entity F1
+  is strict, so a path that opens a span with I-X or switches type inside one costs a whole entity, and a CRF
+  trained for a few hundred steps has not learned to rule those paths out on its own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +58,55 @@ class BertForSequenceClassification(nn.Module):
         return F.cross_entropy(logits.float(), labels)
 
 
+FORBIDDEN = -1.0e4  # added to a forbidden move's score: no path through it can win against an allowed one
+
+
+def iob2_allowed(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(start (K,), transitions (K, K) [from, to]) bool masks of what IOB2 allows: `I-X` only after `B-X` or
+    `I-X`, never first; every other move is allowed. Labels that are neither `O`, `B-*` nor `I-*` are refused."""
+    for label in labels:
+        if label != "O" and label[:2] not in ("B-", "I-"):
+            raise ValueError(f"not an IOB2 label: {label!r} (expected O, B-<type> or I-<type>)")
+    k = len(labels)
+    start = torch.ones(k, dtype=torch.bool)
+    transitions = torch.ones(k, k, dtype=torch.bool)
+    for j, to in enumerate(labels):
+        if to.startswith("I-"):
+            start[j] = False
+            for i, frm in enumerate(labels):
+                transitions[i, j] = frm in (f"B-{to[2:]}", to)
+    return start, transitions
+
+
+def viterbi(
+    emissions: torch.Tensor,
+    mask: torch.Tensor,
+    start: torch.Tensor,
+    transitions: torch.Tensor,
+    end: torch.Tensor,
+) -> list[list[int]]:
+    """Best tag path per sentence of a linear-chain CRF: emissions (B, T, K), a left-aligned bool mask (B, T),
+    start/end (K,), transitions (K, K) [from, to]. The same recursion as pytorch-crf's decode, batched over
+    tags, so that masked (constrained) scores can be passed in."""
+    score = start + emissions[:, 0]  # (B, K)
+    backpointers = []
+    for t in range(1, emissions.size(1)):
+        candidates = score.unsqueeze(2) + transitions + emissions[:, t].unsqueeze(1)  # (B, K from, K to)
+        best, index = candidates.max(dim=1)
+        score = torch.where(mask[:, t].unsqueeze(1), best, score)
+        backpointers.append(index)
+    last = (score + end).argmax(dim=1).tolist()
+    pointers = torch.stack(backpointers).transpose(0, 1).tolist() if backpointers else [[] for _ in last]
+    paths = []
+    for tag, length, rows in zip(last, mask.sum(dim=1).tolist(), pointers):
+        path = [tag]
+        for t in range(length - 2, -1, -1):  # rows[t] maps the tag at t + 1 to the best one at t
+            tag = rows[t][tag]
+            path.append(tag)
+        paths.append(path[::-1])
+    return paths
+
+
 class BertCrfTagger(nn.Module):
     def __init__(self, config: BertConfig, num_tags: int, classifier_dropout: float | None = None) -> None:
         super().__init__()
@@ -65,6 +118,16 @@ class BertCrfTagger(nn.Module):
         self.crf = CRF(num_tags, batch_first=True)
         nn.init.normal_(self.classifier.weight, std=config.initializer_range)
         nn.init.zeros_(self.classifier.bias)
+        # Allowed moves at decode time; not in the state dict, so checkpoints do not change.
+        self.register_buffer("start_allowed", torch.ones(num_tags, dtype=torch.bool), persistent=False)
+        self.register_buffer("transitions_allowed", torch.ones(num_tags, num_tags, dtype=torch.bool), persistent=False)
+
+    def constrain(self, start: torch.Tensor | None, transitions: torch.Tensor | None) -> None:
+        """Rule out moves at decode time (e.g. `iob2_allowed(labels)`); None = allow everything. Training is
+        unchanged: the likelihood still normalises over every path."""
+        k = self.num_tags
+        self.start_allowed.copy_(torch.ones(k, dtype=torch.bool) if start is None else start)
+        self.transitions_allowed.copy_(torch.ones(k, k, dtype=torch.bool) if transitions is None else transitions)
 
     def emissions(
         self,
@@ -101,7 +164,10 @@ class BertCrfTagger(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> list[list[int]]:
-        """Viterbi paths, one list per sentence, as long as its unpadded length."""
+        """Viterbi paths, one list per sentence, as long as its unpadded length, over the allowed moves only."""
         mask = self.crf_mask(attention_mask)
-        emissions = self.emissions(input_ids, attention_mask, token_type_ids)
-        return self.crf.decode(emissions.float(), mask=mask)
+        emissions = self.emissions(input_ids, attention_mask, token_type_ids).float()
+        crf = self.crf
+        start = crf.start_transitions.float().masked_fill(~self.start_allowed, FORBIDDEN)
+        transitions = crf.transitions.float().masked_fill(~self.transitions_allowed, FORBIDDEN)
+        return viterbi(emissions, mask, start, transitions, crf.end_transitions.float())

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bert.heads import BertCrfTagger
+from bert.heads import BertCrfTagger, iob2_allowed
 from bert.metrics import (
     char_confusion,
     char_f1,
@@ -40,13 +40,17 @@ class NerModule(TaskModule):
         init_from: str | None = None,
         task: str = "ner",
         max_seq_len: int = 128,
+        constrained_decoding: bool = True,
     ) -> None:
         super().__init__(
-            task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len)
+            task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
+                         constrained_decoding=bool(constrained_decoding))  # fmt: skip
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
+        if constrained_decoding:  # Viterbi over IOB2-valid paths only (bert.heads)
+            self.model.constrain(*iob2_allowed(self.labels))
         self._reset_counts()
 
     def _reset_counts(self) -> None:

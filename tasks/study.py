@@ -83,8 +83,8 @@ def recipe_overrides(extra_args: Sequence[str]) -> list[str]:
 def study_key(task: str, arm_identity: Mapping[str, Any], seed: int, lr: float, recipe: Sequence[str],
               data_version: int | None = None) -> str:  # fmt: skip
     """A stable hash of what determines one fine-tuning result; equal keys = the run can be reused.
-    `data_version` is the task config's (`task.data_version`): bumped when a task's split or labels change, so
-    runs made on the old data are not reused; absent = not in the key (keys made before it existed hold)."""
+    `data_version` is the task config's (`task.data_version`): bumped when a task's split, labels or scoring change,
+    so runs made before are not reused; absent = not in the key (keys made before it existed hold)."""
     content = {"v": KEY_VERSION, "task": task, "arm": dict(arm_identity), "seed": int(seed), "lr": float(lr),
                "recipe": list(recipe)}  # fmt: skip
     if data_version is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from torchcrf import CRF
 
+from bert.heads import iob2_allowed, viterbi
 from bert.model import BertConfig
 from bert.ner import BertCrfTagger
 from tests.test_run_pretrain import ROOT, check, run_cli, runs_of
@@ -32,6 +35,69 @@ def test_padding_does_not_change_a_decode():
     paths = model.decode(batch, mask)
     assert paths[0] == alone
     assert [len(p) for p in paths] == [9, 14, 4]
+
+
+def test_viterbi_matches_pytorch_crf_and_brute_force_under_iob2():
+    """Free: pytorch-crf's own decode is the reference. Constrained: the best of every IOB2-valid path,
+    enumerated."""
+    labels = ["O", "B-PS", "I-PS", "B-LC", "I-LC"]
+    start_ok, trans_ok = iob2_allowed(labels)
+    torch.manual_seed(0)
+    crf = CRF(len(labels), batch_first=True)
+    for p in crf.parameters():
+        torch.nn.init.normal_(p, std=2.0)  # strong transitions, so that constraints bite
+    emissions = torch.randn(6, 5, len(labels)) * 2
+    mask = torch.zeros(6, 5, dtype=torch.bool)
+    for b, n in enumerate([5, 1, 3, 4, 2, 5]):
+        mask[b, :n] = True
+    free = viterbi(emissions, mask, crf.start_transitions, crf.transitions, crf.end_transitions)
+    assert free == crf.decode(emissions, mask=mask)
+    start = crf.start_transitions.masked_fill(~start_ok, -1e4)
+    transitions = crf.transitions.masked_fill(~trans_ok, -1e4)
+    constrained = viterbi(emissions, mask, start, transitions, crf.end_transitions)
+    changed = 0
+    for b, n in enumerate(mask.sum(1).tolist()):
+        valid = [p for p in itertools.product(range(len(labels)), repeat=n)
+                 if start_ok[p[0]] and all(trans_ok[i, j] for i, j in zip(p, p[1:]))]  # fmt: skip
+        tags = torch.tensor(valid)
+        scores = crf._compute_score(emissions[b, :n].unsqueeze(1).expand(n, len(valid), -1), tags.T,
+                                    torch.ones(n, len(valid), dtype=torch.bool))  # fmt: skip
+        assert constrained[b] == list(valid[int(scores.argmax())])
+        changed += constrained[b] != free[b]
+    assert changed > 0  # the free paths broke IOB2 somewhere: the test exercises the constraint
+
+
+def test_iob2_allowed_moves():
+    labels = ["O", "B-PS", "I-PS", "B-LC", "I-LC"]
+    start, trans = iob2_allowed(labels)
+    assert start.tolist() == [True, True, False, True, False]
+    assert trans[1, 2] and trans[2, 2] and trans[3, 4]  # B-PS/I-PS -> I-PS, B-LC -> I-LC
+    assert not trans[0, 2] and not trans[4, 2] and not trans[1, 4]  # O -> I-PS, I-LC -> I-PS, B-PS -> I-LC
+    assert trans[:, [0, 1, 3]].all()  # O and B-X may follow anything
+    with pytest.raises(ValueError, match="not an IOB2 label"):
+        iob2_allowed(["O", "PER"])
+
+
+def test_constrained_tagger_never_decodes_an_ill_formed_span():
+    from datamodules.klue_ner import LABELS
+
+    torch.manual_seed(0)
+    model = BertCrfTagger(CONFIG, num_tags=len(LABELS)).eval()
+    with torch.no_grad():
+        model.crf.transitions.normal_(std=3.0)
+        model.crf.start_transitions.normal_(std=3.0)
+    ids = torch.randint(5, 99, (8, 20))
+    free = model.decode(ids, torch.ones_like(ids))
+    model.constrain(*iob2_allowed(LABELS))
+    constrained = model.decode(ids, torch.ones_like(ids))
+
+    def ill_formed(path: list[int]) -> int:
+        tags = ["O"] + [LABELS[t] for t in path]
+        return sum(b.startswith("I-") and a not in ("B-" + b[2:], b) for a, b in zip(tags, tags[1:]))
+
+    assert sum(map(ill_formed, free)) > 0
+    assert sum(map(ill_formed, constrained)) == 0
+    assert "start_allowed" not in model.state_dict()  # checkpoints keep their keys
 
 
 def test_gold_nll_is_nonnegative_and_decreases_when_training():
