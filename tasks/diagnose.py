@@ -23,6 +23,12 @@ looks at the other end, the CRF of fine-tuned NER checkpoints: the mean transiti
 that make the pair ill-formed IOB2 (O, or B-/I- of another type) and from the ones that make it well-formed, the
 start score of I-X, and the largest |score|. pytorch-crf starts them uniform in +-0.1; how far fine-tuning moved
 them says whether the CRF learned IOB2's grammar or left it to the emissions (`optim.head_lr_scale`).
+
+    python -m tasks.diagnose --decode <fine-tuned NER ckpt | run id> [...]
+
+scores the same checkpoints on the val and test splits twice: with free Viterbi (every tag path) and with
+Viterbi over IOB2-valid paths only (`task.module.constrained_decoding`, the default since NER data_version 2),
+so the effect of the constraint is measured on identical weights.
 """
 
 from __future__ import annotations
@@ -187,6 +193,53 @@ def crf_table(refs: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def decode_scores(refs: Sequence[str]) -> list[dict[str, Any]]:
+    """Entity F1 (macro, micro) on val and test of each fine-tuned NER checkpoint, free and IOB2-constrained."""
+    from hydra.utils import instantiate
+
+    from bert.heads import iob2_allowed
+    from bert.metrics import entity_counts, f1_from_counts
+    from bert.ner_align import drop_spaces
+    from tasks import checkpoints
+    from tasks.ner import NerModule
+
+    cfg = ner_config()
+    rows, data_by_tokenizer = [], {}
+    for ref in refs:
+        path = checkpoints.resolve(ref, cfg.logger.tracking_uri)
+        module = checkpoints.module_from(path, NerModule, "ner")
+        tokenizer_dir = str(module.hparams.tokenizer_dir)
+        if tokenizer_dir not in data_by_tokenizer:
+            dm = instantiate(cfg.task.data, tokenizer_dir=tokenizer_dir)
+            dm.prepare_data()
+            dm.setup("fit")
+            dm.setup("test")
+            data_by_tokenizer[tokenizer_dir] = {"val": dm.val_dataloader(), "test": dm.test_dataloader()}
+        run = str(checkpoints.meta(path).get("mlflow_run_id") or "")[:8]
+        row: dict[str, Any] = {"checkpoint": f"{run + '/' if run else ''}{path.name}"}
+        for constrained in (False, True):
+            module.model.constrain(*(iob2_allowed(module.labels) if constrained else (None, None)))
+            for stage, loader in data_by_tokenizer[tokenizer_dir].items():
+                gold, pred = [], []
+                with torch.no_grad():
+                    for batch in loader:
+                        for chars, tags, guess in zip(batch["chars"], batch["char_tags"], module.char_predictions(batch)):
+                            gold.append(drop_spaces(chars, tags)[1])
+                            pred.append(drop_spaces(chars, guess)[1])
+                scores = f1_from_counts(entity_counts(gold, pred))
+                row[f"{stage}_{'iob2' if constrained else 'free'}"] = (scores["macro"], scores["micro"])
+        rows.append(row)
+    return rows
+
+
+def decode_table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| checkpoint | val free | val IOB2 | test free | test IOB2 |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        cells = [f"{r[k][0]:.4f} / {r[k][1]:.4f}" for k in ("val_free", "val_iob2", "test_free", "test_iob2")]
+        lines.append(f"| {r['checkpoint']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n(entity F1 macro / micro)"
+
+
 def table(rows: Sequence[dict[str, Any]]) -> str:
     def fmt(v: Any, spec: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
@@ -206,7 +259,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sentences", type=int, default=400, help="KLUE-NER validation sentences to encode")
     parser.add_argument("--no-scratch", action="store_true", help="leave out the random-init row")
     parser.add_argument("--crf", action="store_true", help="fine-tuned NER checkpoints: their CRF transitions")
+    parser.add_argument("--decode", action="store_true", help="fine-tuned NER checkpoints: F1, free vs IOB2 Viterbi")
     args = parser.parse_args(argv)
+    if args.decode:
+        print(decode_table(decode_scores(args.encoders)))
+        return
     if args.crf:
         print(crf_table(args.encoders))
         return

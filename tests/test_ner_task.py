@@ -185,6 +185,14 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
     pretrained = next(r for r in runs if r.data.tags["init"] == "pretrained")
     assert pretrained.data.tags["pretrained_run"] == pre.info.run_id
 
+    # re-scoring the best checkpoint reproduces the logged test F1 (IOB2-constrained decoding is the default)
+    from tasks.diagnose import decode_scores
+
+    (row,) = decode_scores([pretrained.data.tags["best_ckpt"]])
+    assert row["test_iob2"][0] == pytest.approx(pretrained.data.metrics["test/entity_f1_macro"], abs=1e-6)
+    assert row["test_iob2"][1] == pytest.approx(pretrained.data.metrics["test/entity_f1_micro"], abs=1e-6)
+    assert set(row) == {"checkpoint", "val_free", "val_iob2", "test_free", "test_iob2"}
+
     # tag raw text with the fine-tuned model (command line)
     out = subprocess.run(
         [sys.executable, "-m", "tasks.tag", pretrained.data.tags["best_ckpt"], "이순신은 1545년 서울에서 태어났다."],
