@@ -78,6 +78,13 @@ def iob2_allowed(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return start, transitions
 
 
+def tagger_allowed(labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`iob2_allowed` for `BertCrfTagger`'s layout: position 0 is [CLS], trained as `O` and dropped when tags go
+    back to characters, so the path must start with `O` (else [CLS]=B-X would let the first real piece be I-X)."""
+    start, transitions = iob2_allowed(labels)
+    return start & torch.tensor([label == "O" for label in labels]), transitions
+
+
 def viterbi(
     emissions: torch.Tensor,
     mask: torch.Tensor,

@@ -197,7 +197,7 @@ def decode_scores(refs: Sequence[str]) -> list[dict[str, Any]]:
     """Entity F1 (macro, micro) on val and test of each fine-tuned NER checkpoint, free and IOB2-constrained."""
     from hydra.utils import instantiate
 
-    from bert.heads import iob2_allowed
+    from bert.heads import tagger_allowed
     from bert.metrics import entity_counts, f1_from_counts
     from bert.ner_align import drop_spaces
     from tasks import checkpoints
@@ -208,18 +208,18 @@ def decode_scores(refs: Sequence[str]) -> list[dict[str, Any]]:
     for ref in refs:
         path = checkpoints.resolve(ref, cfg.logger.tracking_uri)
         module = checkpoints.module_from(path, NerModule, "ner")
-        tokenizer_dir = str(module.hparams.tokenizer_dir)
-        if tokenizer_dir not in data_by_tokenizer:
-            dm = instantiate(cfg.task.data, tokenizer_dir=tokenizer_dir)
+        data_key = (str(module.hparams.tokenizer_dir), int(module.hparams.max_seq_len))  # encoded as it was trained
+        if data_key not in data_by_tokenizer:
+            dm = instantiate(cfg.task.data, tokenizer_dir=data_key[0], max_seq_len=data_key[1])
             dm.prepare_data()
             dm.setup("fit")
             dm.setup("test")
-            data_by_tokenizer[tokenizer_dir] = {"val": dm.val_dataloader(), "test": dm.test_dataloader()}
+            data_by_tokenizer[data_key] = {"val": dm.val_dataloader(), "test": dm.test_dataloader()}
         run = str(checkpoints.meta(path).get("mlflow_run_id") or "")[:8]
         row: dict[str, Any] = {"checkpoint": f"{run + '/' if run else ''}{path.name}"}
         for constrained in (False, True):
-            module.model.constrain(*(iob2_allowed(module.labels) if constrained else (None, None)))
-            for stage, loader in data_by_tokenizer[tokenizer_dir].items():
+            module.model.constrain(*(tagger_allowed(module.labels) if constrained else (None, None)))
+            for stage, loader in data_by_tokenizer[data_key].items():
                 gold, pred = [], []
                 with torch.no_grad():
                     for batch in loader:

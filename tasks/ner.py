@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bert.heads import BertCrfTagger, iob2_allowed
+from bert.heads import BertCrfTagger, tagger_allowed
 from bert.metrics import (
     char_confusion,
     char_f1,
@@ -50,7 +50,7 @@ class NerModule(TaskModule):
         self.label2id = {label: i for i, label in enumerate(self.labels)}
         self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
         if constrained_decoding:  # Viterbi over IOB2-valid paths only (bert.heads)
-            self.model.constrain(*iob2_allowed(self.labels))
+            self.model.constrain(*tagger_allowed(self.labels))
         self._reset_counts()
 
     def _reset_counts(self) -> None:

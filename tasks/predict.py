@@ -66,9 +66,11 @@ def load(ref: str, expected: str, tracking_uri: str | None = None) -> Loaded:
 
         model = BertForPreTraining(config)
     elif kind == "ner":
-        from bert.heads import BertCrfTagger
+        from bert.heads import BertCrfTagger, tagger_allowed
 
         model = BertCrfTagger(config, len(hparams["labels"]))
+        if hparams.get("constrained_decoding", True):  # as tasks.ner.NerModule decodes (IOB2-valid paths only)
+            model.constrain(*tagger_allowed(hparams["labels"]))
     else:
         from bert.heads import BertForSequenceClassification
 
@@ -239,7 +241,6 @@ def main(argv: list[str] | None = None) -> None:
     expected = "pretrain" if args.command in ("fill-mask", "nsp") else args.command
     inputs = read_inputs(args, pair=args.command in PAIR_TASKS)
     loaded = load(args.model, expected, args.tracking_uri)
-    torch.set_grad_enabled(False)
     if args.command == "fill-mask":
         records = predict_fill_mask(loaded, inputs, args.batch_size, args.top_k, args.max_seq_len)
     elif args.command == "nsp":

@@ -106,6 +106,11 @@ def stale_tasks(spec: Mapping[str, Any], current: Mapping[str, Any]) -> list[str
     return [t for t in spec["tasks"] if made.get(t) != current.get(t)]
 
 
+def without_tasks(row: Mapping[str, Any], tasks: Sequence[str]) -> dict[str, Any]:
+    """A study row with the cells of `tasks` removed (e.g. a scratch row measured on an older data_version)."""
+    return {**row, "cells": {t: c for t, c in row["cells"].items() if t not in tasks}}
+
+
 def table(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     head = "| pretraining run · checkpoint | fine-tuning recipe | " + " | ".join(tasks) + " | mean val gain |"
     lines = [head, "|---|---|" + "---|" * len(tasks) + "---:|"]
@@ -179,8 +184,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     entries, tasks, scratch_keys = [], [], {}
     fallback = None
     if args.scratch:
-        scratch_study = load_study(client, args.scratch)[0]
+        scratch_study, scratch_spec = load_study(client, args.scratch)
         fallback = next(r for r in scratch_study["rows"] if r["kind"] == "scratch")
+        stale = stale_tasks(scratch_spec, versions)  # a scratch arm scored another way compares with nothing now
+        if stale:
+            print(f"scratch study {args.scratch[:8]}: left out {', '.join(stale)}: made on older data "
+                  "(task.data_version changed)")  # fmt: skip
+            fallback = without_tasks(fallback, stale)
         scratch_keys[args.scratch] = _scratch_keys(scratch_study)
     for parent in args.studies:
         study, spec = load_study(client, parent)

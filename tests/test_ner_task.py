@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torchcrf import CRF
 
-from bert.heads import iob2_allowed, viterbi
+from bert.heads import iob2_allowed, tagger_allowed, viterbi
 from bert.model import BertConfig
 from bert.ner import BertCrfTagger
 from tests.test_run_pretrain import ROOT, check, run_cli, runs_of
@@ -76,6 +76,8 @@ def test_iob2_allowed_moves():
     assert trans[:, [0, 1, 3]].all()  # O and B-X may follow anything
     with pytest.raises(ValueError, match="not an IOB2 label"):
         iob2_allowed(["O", "PER"])
+    cls_start, cls_trans = tagger_allowed(labels)  # the tagger's position 0 is [CLS], always O
+    assert cls_start.tolist() == [True, False, False, False, False] and torch.equal(cls_trans, trans)
 
 
 def test_constrained_tagger_never_decodes_an_ill_formed_span():

@@ -153,6 +153,23 @@ def test_inputs_from_file_stdin_and_batches(tiny, tmp_path, capsys, monkeypatch)
             assert entity["type"] in ("PS", "LC", "OG", "DT", "TI", "QT") and 0 <= entity["start"] < entity["end"]
 
 
+def test_predict_ner_decodes_like_the_training_module(tiny, tmp_path):
+    """`predict ner` builds its own tagger: it must decode over the same allowed paths as NerModule did."""
+    from tasks import checkpoints, predict
+
+    _, ckpts = tiny
+    module = checkpoints.module_from(ckpts["ner"], NerModule, "ner")
+    loaded = predict.load(str(ckpts["ner"]), "ner")
+    assert not module.model.transitions_allowed.all() and not module.model.start_allowed.all()
+    for name in ("start_allowed", "transitions_allowed"):
+        assert torch.equal(getattr(loaded.model, name), getattr(module.model, name))
+    ckpt = torch.load(ckpts["ner"], weights_only=True)
+    ckpt["hyper_parameters"]["constrained_decoding"] = False
+    torch.save(ckpt, tmp_path / "free.ckpt")
+    free = predict.load(str(tmp_path / "free.ckpt"), "ner")
+    assert free.model.transitions_allowed.all() and free.model.start_allowed.all()
+
+
 def test_clear_errors(tiny, tmp_path, capsys):
     _, ckpts = tiny
     with pytest.raises(SystemExit, match=r"`predict nli` takes a fine-tuned nli checkpoint, but .*sts\.ckpt is a fine-tuned sts checkpoint; use .*tasks\.predict sts"):

@@ -200,6 +200,16 @@ def test_search_leaves_out_tasks_studied_on_older_data():
     assert stale_tasks({"tasks": ["nli"], "data_versions": {"nli": 3}}, now) == ["nli"]
 
 
+def test_search_never_compares_with_a_stale_scratch_row():
+    from tasks.search import gains, without_tasks
+
+    cell = {"mean": 0.5, "std": 0.01, "val": 0.5}
+    scratch = {"kind": "scratch", "arm": "scratch", "cells": {"ner": cell, "topic": cell}}
+    arm = {"kind": "budget", "arm": "step 10", "cells": {"ner": {**cell, "val": 0.7}, "topic": {**cell, "val": 0.6}}}
+    (row,) = gains({"rows": [arm]}, ["ner", "topic"], without_tasks(scratch, ["ner"]))
+    assert list(row["tasks"]) == ["topic"]  # ner's scratch was scored the old way: no ner gain at all
+
+
 def test_search_merges_one_recipe_studied_task_by_task():
     from tasks.search import merge
 
