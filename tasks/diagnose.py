@@ -199,7 +199,6 @@ def decode_scores(refs: Sequence[str]) -> list[dict[str, Any]]:
 
     from bert.heads import tagger_allowed
     from bert.metrics import entity_counts, f1_from_counts
-    from bert.ner_align import drop_spaces
     from tasks import checkpoints
     from tasks.ner import NerModule
 
@@ -223,9 +222,9 @@ def decode_scores(refs: Sequence[str]) -> list[dict[str, Any]]:
                 gold, pred = [], []
                 with torch.no_grad():
                     for batch in loader:
-                        for chars, tags, guess in zip(batch["chars"], batch["char_tags"], module.char_predictions(batch)):
-                            gold.append(drop_spaces(chars, tags)[1])
-                            pred.append(drop_spaces(chars, guess)[1])
+                        batch_gold, batch_pred = module.scored_tags(batch)
+                        gold += batch_gold
+                        pred += batch_pred
                 scores = f1_from_counts(entity_counts(gold, pred))
                 row[f"{stage}_{'iob2' if constrained else 'free'}"] = (scores["macro"], scores["micro"])
         rows.append(row)

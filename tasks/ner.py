@@ -70,18 +70,21 @@ class NerModule(TaskModule):
             out.append(pieces_to_char_tags(offsets, piece_tags, n_chars))
         return out
 
+    def scored_tags(self, batch: Mapping[str, Any]) -> tuple[list[list[str]], list[list[str]]]:
+        """(gold, predicted) character tags per sentence, spaces dropped: what KLUE scores."""
+        gold_seqs, pred_seqs = [], []
+        for chars, gold, pred in zip(batch["chars"], batch["char_tags"], self.char_predictions(batch)):
+            gold_seqs.append(drop_spaces(chars, gold)[1])
+            pred_seqs.append(drop_spaces(chars, pred)[1])
+        return gold_seqs, pred_seqs
+
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         bsz = batch["input_ids"].size(0)
         loss = self.model.loss(
             batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
         )
         self.log(f"{stage}/loss", loss, batch_size=bsz, sync_dist=True)
-        gold_seqs, pred_seqs = [], []
-        for chars, gold, pred in zip(batch["chars"], batch["char_tags"], self.char_predictions(batch)):
-            _, gold_kept = drop_spaces(chars, gold)  # KLUE scores without spaces
-            _, pred_kept = drop_spaces(chars, pred)
-            gold_seqs.append(gold_kept)
-            pred_seqs.append(pred_kept)
+        gold_seqs, pred_seqs = self.scored_tags(batch)
         self._entity += counts_to_tensor(entity_counts(gold_seqs, pred_seqs), ENTITY_TYPES)
         self._confusion += char_confusion(
             [self.label2id[t] for seq in gold_seqs for t in seq],
