@@ -115,13 +115,25 @@ def viterbi(
 
 
 class BertCrfTagger(nn.Module):
-    def __init__(self, config: BertConfig, num_tags: int, classifier_dropout: float | None = None) -> None:
+    """`lstm_hidden` > 0 puts a one-layer BiLSTM (that many units per direction) between the encoder and the
+    classifier (BERT-BiLSTM-CRF): a small encoder gets a sequential layer trained for the task alone."""
+
+    def __init__(
+        self,
+        config: BertConfig,
+        num_tags: int,
+        classifier_dropout: float | None = None,
+        lstm_hidden: int = 0,
+    ) -> None:
         super().__init__()
         self.config = config
         self.num_tags = num_tags
         self.bert = BertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
-        self.classifier = nn.Linear(config.hidden_size, num_tags)
+        self.lstm = (
+            nn.LSTM(config.hidden_size, lstm_hidden, batch_first=True, bidirectional=True) if lstm_hidden > 0 else None
+        )
+        self.classifier = nn.Linear(2 * lstm_hidden if lstm_hidden > 0 else config.hidden_size, num_tags)
         self.crf = CRF(num_tags, batch_first=True)
         nn.init.normal_(self.classifier.weight, std=config.initializer_range)
         nn.init.zeros_(self.classifier.bias)
@@ -143,6 +155,10 @@ class BertCrfTagger(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden, _ = self.bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        if self.lstm is not None:  # packed, so the backward direction starts at each sentence's own last piece
+            lengths = attention_mask.sum(-1).cpu()
+            packed = nn.utils.rnn.pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
+            hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=hidden.size(1))
         return self.classifier(self.dropout(hidden))  # (B, T, H) -> (B, T, num_tags)
 
     @staticmethod

@@ -41,14 +41,15 @@ class NerModule(TaskModule):
         task: str = "ner",
         max_seq_len: int = 128,
         constrained_decoding: bool = True,
+        lstm_hidden: int = 0,
     ) -> None:
         super().__init__(
             task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
-                         constrained_decoding=bool(constrained_decoding))  # fmt: skip
+                         constrained_decoding=bool(constrained_decoding), lstm_hidden=int(lstm_hidden))  # fmt: skip
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
-        self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout)
+        self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout, int(lstm_hidden))
         if constrained_decoding:  # Viterbi over IOB2-valid paths only (bert.heads)
             self.model.constrain(*tagger_allowed(self.labels))
         self._reset_counts()

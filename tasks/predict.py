@@ -68,7 +68,7 @@ def load(ref: str, expected: str, tracking_uri: str | None = None) -> Loaded:
     elif kind == "ner":
         from bert.heads import BertCrfTagger, tagger_allowed
 
-        model = BertCrfTagger(config, len(hparams["labels"]))
+        model = BertCrfTagger(config, len(hparams["labels"]), lstm_hidden=int(hparams.get("lstm_hidden", 0)))
         if hparams.get("constrained_decoding", True):  # as tasks.ner.NerModule decodes (IOB2-valid paths only)
             model.constrain(*tagger_allowed(hparams["labels"]))
     else:

@@ -22,11 +22,14 @@ CONFIG = BertConfig(
 )
 
 
-def test_padding_does_not_change_a_decode():
+@pytest.mark.parametrize("lstm_hidden", [0, 8])
+def test_padding_does_not_change_a_decode(lstm_hidden):
+    """With the BiLSTM too: an unpacked backward pass would start on the padding and change the emissions."""
     torch.manual_seed(0)
-    model = BertCrfTagger(CONFIG, num_tags=13).eval()
+    model = BertCrfTagger(CONFIG, num_tags=13, lstm_hidden=lstm_hidden).eval()
     ids = torch.randint(5, 99, (1, 9))
     alone = model.decode(ids, torch.ones_like(ids))[0]
+    alone_emissions = model.emissions(ids, torch.ones_like(ids))[0]
     batch = torch.zeros(3, 14, dtype=torch.long)
     mask = torch.zeros_like(batch)
     batch[0, :9], mask[0, :9] = ids[0], 1
@@ -34,6 +37,7 @@ def test_padding_does_not_change_a_decode():
     batch[2, :4], mask[2, :4] = torch.randint(5, 99, (4,)), 1
     paths = model.decode(batch, mask)
     assert paths[0] == alone
+    torch.testing.assert_close(model.emissions(batch, mask)[0, :9], alone_emissions, atol=1e-5, rtol=1e-5)
     assert [len(p) for p in paths] == [9, 14, 4]
 
 
