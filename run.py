@@ -28,23 +28,33 @@ PLOT_PANELS = {
 def train(cfg: DictConfig) -> float | None:
     """Compose, instantiate, fit; returns the best validation loss (what sweeps optimise)."""
     ckpt_path, run_id = runner.resolve_resume(cfg)  # bad ckpt_path fails here, before any data work
+    encoder = runner.continued_pretraining(cfg)  # pretrained=...: its weights, shape and tokenizer
     pl.seed_everything(cfg.seed, workers=True)
 
+    if encoder is not None:
+        OmegaConf.update(cfg, "data.tokenizer_path", str(encoder.tokenizer_dir), force_add=True)
     datamodule = hydra.utils.instantiate(cfg.data)
     datamodule.prepare_data()
     runner.check_checkpoint_vocab(ckpt_path, datamodule.vocab_size)
 
-    model_config = {
-        **OmegaConf.to_container(cfg.model, resolve=True),
-        "vocab_size": datamodule.vocab_size,
-        "pad_token_id": 0,
-    }
+    if encoder is not None:
+        model_config = runner.continued_model_config(cfg, encoder)
+    else:
+        model_config = {
+            **OmegaConf.to_container(cfg.model, resolve=True),
+            "vocab_size": datamodule.vocab_size,
+            "pad_token_id": 0,
+        }
     module = PretrainModule(
         model_config=model_config,
         optim=OmegaConf.to_container(cfg.optim, resolve=True),  # plain types: weights_only loads
         tokenizer_dir=str(datamodule.tokenizer_dir),
         compile=cfg.get("compile", False),
+        nsp_weight=cfg.get("nsp_weight", 1.0),
     )
+    if encoder is not None:
+        module.model.load_state_dict(encoder.state_dict)  # strict: every weight of the checkpoint, no more
+        print(f"continued pretraining from {encoder.checkpoint}")
     print(f"trainable parameters: {count_parameters(module.model):,}")
 
     run_name = f"{runner.choice('model')}-{runner.choice('data')}-{datetime.now():%m%d-%H%M%S}"
@@ -55,6 +65,10 @@ def train(cfg: DictConfig) -> float | None:
         "data_sha256": datamodule.data_sha256,
         "task": cfg.task_name,
     }
+    if encoder is not None:
+        tags["init_from"] = str(encoder.checkpoint)
+        if encoder.run_id:
+            tags["init_run_id"] = encoder.run_id
     callbacks.append(runner.RunRecordCallback(cfg, tags, datamodule.tokenizer_dir, PLOT_PANELS))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)

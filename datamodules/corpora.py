@@ -48,7 +48,7 @@ from datamodules.lines import LineReader, open_lines
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("petitions", "namuwiki")
+FORMATS = ("petitions", "namuwiki", "klue_ner_train")
 SPLITTERS = ("kiwi", "rule")
 SENTENCES_VERSION = 1
 MAX_EXAMPLES = 5  # locations kept per kind of skipped input
@@ -205,7 +205,23 @@ def iter_namuwiki(
         yield current
 
 
-READERS = {"petitions": iter_petitions, "namuwiki": iter_namuwiki}
+def iter_klue_ner_train(
+    path: Path, file_index: int, display: str, skips: SkipLog, advance
+) -> Iterator[RawDocument]:
+    from datamodules.klue_ner import read_klue_ner, split_by_index
+
+    # the NER task's own reader and split, so the two agree on which sentences are train
+    sentences = read_klue_ner(path)  # bad lines raise ValueError naming file:line
+    advance(Path(path).stat().st_size)
+    for sentence in split_by_index(sentences)["train"]:
+        text = clean_sentence(sentence.text)
+        if text:
+            yield RawDocument(file_index, sentence.line_no, [text], [])
+        else:
+            skips.add("blank_sentence", f"{display}:{sentence.line_no}")
+
+
+READERS = {"petitions": iter_petitions, "namuwiki": iter_namuwiki, "klue_ner_train": iter_klue_ner_train}
 
 
 # ----------------------------------------------------------------------------------------------------------------

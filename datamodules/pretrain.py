@@ -62,7 +62,7 @@ PLAN_VERSION = 1
 PLAN_SHA256_MAX_BYTES = 64 << 20  # plans up to this size get a checksum, verified before training
 SPLITS = ("train", "val", "test")
 _SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
-DEFAULT_SPLITTER = {"petitions": "kiwi", "namuwiki": "rule"}
+DEFAULT_SPLITTER = {"petitions": "kiwi", "namuwiki": "rule", "klue_ner_train": "rule"}  # klue: never splits
 
 
 def _digest(payload: Any) -> str:

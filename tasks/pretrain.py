@@ -27,6 +27,7 @@ class PretrainModule(pl.LightningModule):
         optim: Mapping[str, Any],
         tokenizer_dir: str | None = None,
         compile: bool = False,
+        nsp_weight: float = 1.0,
     ) -> None:
         super().__init__()
         # model_config and tokenizer_dir travel inside every checkpoint: export and fine-tuning rebuild from them.
@@ -36,6 +37,7 @@ class PretrainModule(pl.LightningModule):
                 "model_config": dict(model_config),
                 "optim": dict(optim),
                 "tokenizer_dir": tokenizer_dir,
+                "nsp_weight": float(nsp_weight),
             },
             logger=False,  # RunRecordCallback logs the config (model_config as model.*)
         )
@@ -69,7 +71,8 @@ class PretrainModule(pl.LightningModule):
             mlm_acc = (out.mlm_logits.argmax(-1) == mlm_targets).float().mean()
             nsp_acc = (out.nsp_logits.argmax(-1) == batch["nsp_labels"]).float().mean()
         return {
-            "loss": mlm_loss + nsp_loss,
+            # nsp_weight 0 = MLM only (task-adaptive pretraining on unrelated sentences); NSP is still measured
+            "loss": mlm_loss + self.hparams.nsp_weight * nsp_loss,
             "mlm_loss": mlm_loss,
             "nsp_loss": nsp_loss,
             "mlm_acc": mlm_acc,

@@ -691,6 +691,42 @@ def resolve_encoder(cfg: DictConfig) -> Encoder:
     return Encoder(model_config, tokenizer_dir, None, None, None)
 
 
+DROPOUT_KEYS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def continued_pretraining(cfg: DictConfig) -> Encoder | None:
+    """`pretrained=<ckpt|run id>` for run.py: start from a pretraining checkpoint's weights (encoder and
+    heads), shape and tokenizer, with a fresh optimizer, schedule and MLflow run (task-adaptive pretraining).
+    `ckpt_path` is different: it resumes the same run, optimizer included."""
+    ref = cfg.get("pretrained")
+    if ref in (None, ""):
+        return None
+    uri = (cfg.get("logger") or {}).get("tracking_uri") or tracking.default_tracking_uri()
+    encoder = load_encoder(str(ref), uri, with_weights=True)
+    assert encoder.state_dict is not None
+    if not any(key.startswith("cls.") for key in encoder.state_dict):
+        raise ValueError(
+            f"pretrained={ref}: {encoder.checkpoint} has no pretraining heads; continued pretraining starts "
+            "from a pretraining checkpoint (run.py), not a fine-tuned one"
+        )
+    wanted = cfg.data.get("tokenizer_path")
+    if wanted and Path(wanted).resolve() != Path(encoder.tokenizer_dir).resolve():
+        raise ValueError(
+            f"data.tokenizer_path={wanted} differs from the tokenizer of pretrained={ref} "
+            f"({encoder.tokenizer_dir}); its embeddings only fit its own vocabulary"
+        )
+    return encoder
+
+
+def continued_model_config(cfg: DictConfig, encoder: Encoder) -> dict[str, Any]:
+    """The checkpoint's shape and vocabulary, with this run's dropout (`model.*_dropout_prob`)."""
+    config = dict(encoder.model_config)
+    for key in DROPOUT_KEYS:
+        if key in cfg.model:
+            config[key] = float(cfg.model[key])
+    return config
+
+
 def test_on_one_device(
     cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, logger: Any
 ) -> None:

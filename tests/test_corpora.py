@@ -200,3 +200,26 @@ def test_line_readers_work_in_dataloader_workers(lines_file, reader_cls):
     seen = [item for batch in loader for item in batch]
     assert [text for _, text in seen] == lines
     assert os.getpid() not in {pid for pid, _ in seen}
+
+
+def test_klue_ner_train_text_is_the_ner_tasks_train_split_only(tmp_path):
+    """Task-adaptive pretraining text: exactly the sentences the NER task trains on, none of its val/test."""
+    from datamodules.klue_ner import read_klue_ner, split_by_index
+
+    blocks = []
+    for i in range(23):
+        text = f"문장 {i}번 서울"
+        chars = "\n".join(f"{c}\t{'B-LC' if c == '서' else 'I-LC' if c == '울' else 'O'}" for c in text)
+        blocks.append(f"## guid-{i}\t{text}\n{chars}\n")
+    blocks.insert(5, "## empty-one\t\n")  # a header without characters: skipped by the NER reader too
+    raw = tmp_path / "klue-ner.tsv"
+    raw.write_text("## KLUE header comment\n" + "\n".join(blocks), encoding="utf-8")
+
+    corpus = _prepare(tmp_path, [raw], fmt="klue_ner_train")
+    splits = split_by_index(read_klue_ner(raw))
+    texts = [corpus.document(i) for i in range(len(corpus))]
+    assert texts == [[s.text] for s in splits["train"]]  # one sentence per document, in file order
+    assert len(texts) == 23 - 3 - 3  # i = 0, 10, 20 -> test; 1, 11, 21 -> val
+    held_out = {s.text for s in splits["val"] + splits["test"]}
+    assert held_out and not held_out & {t for (t,) in texts}
+    assert corpus.where(0) == f"klue-ner.tsv:{splits['train'][0].line_no}"

@@ -187,3 +187,27 @@ def test_crf_transitions_separate_ill_formed_from_well_formed_pairs():
     assert r["max_abs"] == 4.0 and r["head_lr_scale"] == 10
     with pytest.raises(ValueError, match="not a fine-tuned NER"):
         crf_transitions({"hyper_parameters": {"labels": labels}, "state_dict": {}})
+
+
+def test_nsp_weight_zero_trains_the_masked_lm_only():
+    """`nsp_weight=0` (task-adaptive pretraining on unrelated sentences): NSP is measured, never trained."""
+    from tasks.pretrain import PretrainModule
+
+    shape = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 20}  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 50, (4, 12), generator=generator)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids),
+             "mlm_labels": labels, "nsp_labels": torch.tensor([0, 1, 0, 1])}  # fmt: skip
+    both = PretrainModule(shape, {"lr": 1e-3}).eval()
+    mlm_only = PretrainModule(shape, {"lr": 1e-3}, nsp_weight=0.0).eval()
+    mlm_only.load_state_dict(both.state_dict())
+    full, masked = both.model_step(batch), mlm_only.model_step(batch)
+    assert torch.allclose(full["loss"], full["mlm_loss"] + full["nsp_loss"])
+    assert torch.allclose(masked["loss"], masked["mlm_loss"]) and torch.allclose(masked["nsp_loss"], full["nsp_loss"])
+    masked["loss"].backward()
+    nsp_head = mlm_only.model.cls.seq_relationship.weight.grad
+    assert nsp_head is None or not nsp_head.any()
+    assert mlm_only.model.cls.predictions.transform.dense.weight.grad.abs().sum() > 0

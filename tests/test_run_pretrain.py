@@ -407,6 +407,39 @@ def test_recommended_presets_run_under_fdr(preset, cache_dir, tmp_path):
     assert len(client_for(tmp_path).get_metric_history(run.info.run_id, "lr")) == 3
 
 
+def test_continued_pretraining_starts_from_the_checkpoint(fdr_run, mirror, cache_dir, tmp_path):
+    """`experiment=tapt_ner pretrained=<ckpt>`: a new run on the KLUE-NER train text that starts from the
+    checkpoint's weights (lr 0 keeps them there, so they must be equal at the end), shape and tokenizer."""
+    import torch
+
+    source_dir, _ = fdr_run
+    (source,) = runs_of(source_dir)
+    ckpt = source.data.tags["last_ckpt"]
+    check(run_cli("run.py", ["experiment=tapt_ner", f"pretrained={ckpt}", "debug=fdr", "optim.lr=0.0"], tmp_path,
+                  cache_dir))  # fmt: skip
+    (run,) = runs_of(tmp_path)
+    params, tags = run.data.params, run.data.tags
+    assert run.info.run_id != source.info.run_id and tags["init_from"] == ckpt
+    assert tags["init_run_id"] == source.info.run_id and tags["experiment"] == "tapt_ner"
+    assert params["model.hidden_size"] == source.data.params["model.hidden_size"]  # the checkpoint's shape ...
+    assert params["model.hidden_dropout_prob"] == "0.1" and params["nsp_weight"] == "0.0"  # ... this run's dropout
+    before = torch.load(ckpt, map_location="cpu", weights_only=True)
+    after = torch.load(tags["last_ckpt"], map_location="cpu", weights_only=True)
+    assert after["global_step"] == 3
+    assert after["hyper_parameters"]["tokenizer_dir"] == before["hyper_parameters"]["tokenizer_dir"]
+    assert before["state_dict"].keys() == after["state_dict"].keys()
+    assert all(torch.equal(before["state_dict"][k], after["state_dict"][k]) for k in before["state_dict"])
+
+
+def test_continued_pretraining_refuses_a_foreign_tokenizer(fdr_run, cache_dir, tmp_path):
+    source_dir, _ = fdr_run
+    (source,) = runs_of(source_dir)
+    args = ["experiment=tapt_ner", f"pretrained={source.data.tags['last_ckpt']}", "debug=fdr",
+            f"data.tokenizer_path={tmp_path}"]  # fmt: skip
+    proc = run_cli("run.py", args, tmp_path, cache_dir)
+    assert proc.returncode != 0 and "differs from the tokenizer of pretrained=" in proc.stderr
+
+
 @pytest.mark.slow
 def test_time_keyed_schedule_ends_annealed_at_max_time(cache_dir, tmp_path):
     """optim.time_keyed: a run stopped by max_time ends with the lr at its floor, not mid-schedule."""
