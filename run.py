@@ -27,6 +27,7 @@ PLOT_PANELS = {
 
 def train(cfg: DictConfig) -> float | None:
     """Compose, instantiate, fit; returns the best validation loss (what sweeps optimise)."""
+    runner.no_partial_logger(cfg)
     ckpt_path, run_id = runner.resolve_resume(cfg)  # bad ckpt_path fails here, before any data work
     encoder = runner.continued_pretraining(cfg)  # pretrained=...: its weights, shape and tokenizer
     pl.seed_everything(cfg.seed, workers=True)

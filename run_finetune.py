@@ -22,6 +22,7 @@ from tasks import runner, tracking  # noqa: E402
 
 def train(cfg: DictConfig) -> float | None:
     """Compose, instantiate, fit, test on one device; returns the best value of the task's monitor (val)."""
+    runner.no_partial_logger(cfg)
     ckpt_path, run_id = runner.resolve_resume(cfg)
     encoder = runner.resolve_encoder(cfg)  # fails before any training when there is nothing to start from
     pl.seed_everything(cfg.seed, workers=True)

@@ -13,7 +13,7 @@ from urllib.parse import urlparse
 import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import (
     Checkpoint,
     EarlyStopping,
@@ -73,6 +73,15 @@ def choice(group: str) -> str:
         return str(HydraConfig.get().runtime.choices.get(group, group))
     except ValueError:  # composed outside @hydra.main (tests)
         return group
+
+
+def no_partial_logger(cfg: DictConfig) -> None:
+    """`logger=none` under a preset that sets `logger.run_name` composes to a logger config with a run name
+    and no store: that means no logger, not a crash when the logger is built."""
+    logger = cfg.get("logger")
+    if logger is not None and "tracking_uri" not in logger:
+        with open_dict(cfg):
+            cfg.logger = None
 
 
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:

@@ -407,6 +407,13 @@ def test_recommended_presets_run_under_fdr(preset, cache_dir, tmp_path):
     assert len(client_for(tmp_path).get_metric_history(run.info.run_id, "lr")) == 3
 
 
+def test_a_preset_runs_without_a_logger(cache_dir, tmp_path):
+    """`logger=none` with a preset that names its run (`logger.run_name`) trains without MLflow."""
+    proc = run_cli("run.py", ["experiment=cpu_30min", *SMALL, "debug=fdr", "logger=none"], tmp_path, cache_dir)
+    check(proc)
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists() and list((tmp_path / "out").rglob("last.ckpt"))
+
+
 def test_continued_pretraining_starts_from_the_checkpoint(fdr_run, mirror, cache_dir, tmp_path):
     """`experiment=tapt_ner pretrained=<ckpt>`: a new run on the KLUE-NER train text that starts from the
     checkpoint's weights (lr 0 keeps them there, so they must be equal at the end), shape and tokenizer."""
