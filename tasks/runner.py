@@ -84,6 +84,11 @@ def no_partial_logger(cfg: DictConfig) -> None:
             cfg.logger = None
 
 
+def tracking_uri(cfg: DictConfig) -> str:
+    """Where run ids are looked up: the logger's store, else the default one (`logger=none`)."""
+    return cfg.logger.tracking_uri if cfg.get("logger") else tracking.default_tracking_uri()
+
+
 def read_checkpoint_meta(path: Path) -> dict[str, Any]:
     """Kind, hyperparameters, MLflow run id and step of a checkpoint, read safely (tasks.checkpoints)."""
     return checkpoints.meta(path)
@@ -669,7 +674,7 @@ def resolve_encoder(cfg: DictConfig) -> Encoder:
     same forms, else the `model` preset + `tokenizer_dir`)."""
     from bert.convert import is_hf_ref
 
-    uri = cfg.logger.tracking_uri if cfg.get("logger") else tracking.default_tracking_uri()
+    uri = tracking_uri(cfg)
     if is_hf_ref(cfg.get("pretrained")) or (cfg.get("pretrained") is None and is_hf_ref(cfg.get("scratch_like"))):
         ref = cfg.pretrained if cfg.get("pretrained") is not None else cfg.scratch_like
         return load_hf_encoder(str(ref), Path(cfg.paths.cache_dir), with_weights=cfg.get("pretrained") is not None)
@@ -710,8 +715,7 @@ def continued_pretraining(cfg: DictConfig) -> Encoder | None:
     ref = cfg.get("pretrained")
     if ref in (None, ""):
         return None
-    uri = (cfg.get("logger") or {}).get("tracking_uri") or tracking.default_tracking_uri()
-    encoder = load_encoder(str(ref), uri, with_weights=True)
+    encoder = load_encoder(str(ref), tracking_uri(cfg), with_weights=True)
     assert encoder.state_dict is not None
     if not any(key.startswith("cls.") for key in encoder.state_dict):
         raise ValueError(
