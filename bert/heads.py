@@ -116,7 +116,10 @@ def viterbi(
 
 class BertCrfTagger(nn.Module):
     """`lstm_hidden` > 0 puts a one-layer BiLSTM (that many units per direction) between the encoder and the
-    classifier (BERT-BiLSTM-CRF): a small encoder gets a sequential layer trained for the task alone."""
+    classifier (BERT-BiLSTM-CRF): a small encoder gets a sequential layer trained for the task alone.
+    `pos_vocab` > 0 appends a learned `pos_dim`-wide embedding of each piece's morpheme tag (`bert.pos`) to the
+    encoder's output before the BiLSTM / classifier, so a hint the encoder may lack reaches the emissions
+    without changing the encoder's own inputs (its pretrained weights see what they saw in pretraining)."""
 
     def __init__(
         self,
@@ -124,16 +127,18 @@ class BertCrfTagger(nn.Module):
         num_tags: int,
         classifier_dropout: float | None = None,
         lstm_hidden: int = 0,
+        pos_vocab: int = 0,
+        pos_dim: int = 32,
     ) -> None:
         super().__init__()
         self.config = config
         self.num_tags = num_tags
         self.bert = BertModel(config, add_pooling_layer=False)
         self.dropout = nn.Dropout(config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
-        self.lstm = (
-            nn.LSTM(config.hidden_size, lstm_hidden, batch_first=True, bidirectional=True) if lstm_hidden > 0 else None
-        )
-        self.classifier = nn.Linear(2 * lstm_hidden if lstm_hidden > 0 else config.hidden_size, num_tags)
+        self.pos_embeddings = nn.Embedding(pos_vocab, pos_dim, padding_idx=0) if pos_vocab > 0 else None
+        features = config.hidden_size + (pos_dim if pos_vocab > 0 else 0)
+        self.lstm = nn.LSTM(features, lstm_hidden, batch_first=True, bidirectional=True) if lstm_hidden > 0 else None
+        self.classifier = nn.Linear(2 * lstm_hidden if lstm_hidden > 0 else features, num_tags)
         self.crf = CRF(num_tags, batch_first=True)
         nn.init.normal_(self.classifier.weight, std=config.initializer_range)
         nn.init.zeros_(self.classifier.bias)
@@ -153,8 +158,13 @@ class BertCrfTagger(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden, _ = self.bert(input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        if self.pos_embeddings is not None:
+            if pos_ids is None:
+                raise ValueError("this tagger was built with POS features (pos_vocab > 0): pass pos_ids")
+            hidden = torch.cat([hidden, self.pos_embeddings(pos_ids).to(hidden.dtype)], dim=-1)
         if self.lstm is not None:  # packed, so the backward direction starts at each sentence's own last piece
             lengths = attention_mask.sum(-1).cpu()
             packed = nn.utils.rnn.pack_padded_sequence(hidden, lengths, batch_first=True, enforce_sorted=False)
@@ -172,10 +182,11 @@ class BertCrfTagger(nn.Module):
         attention_mask: torch.Tensor,
         tags: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mean negative log-likelihood of the gold tag paths. `tags` may hold -100 at padding."""
         mask = self.crf_mask(attention_mask)
-        emissions = self.emissions(input_ids, attention_mask, token_type_ids)
+        emissions = self.emissions(input_ids, attention_mask, token_type_ids, pos_ids)
         safe_tags = tags.masked_fill(~mask | tags.lt(0), 0)  # the CRF indexes tags even where masked
         log_likelihood = self.crf(emissions.float(), safe_tags, mask=mask, reduction="sum")
         return -log_likelihood / input_ids.size(0)
@@ -186,10 +197,11 @@ class BertCrfTagger(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
     ) -> list[list[int]]:
         """Viterbi paths, one list per sentence, as long as its unpadded length, over the allowed moves only."""
         mask = self.crf_mask(attention_mask)
-        emissions = self.emissions(input_ids, attention_mask, token_type_ids).float()
+        emissions = self.emissions(input_ids, attention_mask, token_type_ids, pos_ids).float()
         crf = self.crf
         start = crf.start_transitions.float().masked_fill(~self.start_allowed, FORBIDDEN)
         transitions = crf.transitions.float().masked_fill(~self.transitions_allowed, FORBIDDEN)

@@ -31,6 +31,7 @@ def tag_texts(
     """Entities with character spans for raw sentences (wordpiece tags mapped back to characters), batched."""
     from bert.metrics import extract_entities
     from bert.ner_align import encode_for_ner, pieces_to_char_tags
+    from bert.pos import analyse, piece_pos_ids
 
     model.eval()
     device = next(model.parameters()).device
@@ -41,10 +42,14 @@ def tag_texts(
         longest = max(len(enc.input_ids) for enc in encodings)
         ids = torch.zeros(len(chunk), longest, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
+        pos = torch.zeros_like(ids) if model.pos_embeddings is not None else None  # 0 = [PAD]
+        analyses = list(analyse(chunk)) if pos is not None else None
         for row, enc in enumerate(encodings):
             ids[row, : len(enc.input_ids)] = torch.tensor(enc.input_ids)
             mask[row, : len(enc.input_ids)] = 1
-        for text, enc, path in zip(chunk, encodings, model.decode(ids, mask)):
+            if pos is not None:
+                pos[row, : len(enc.input_ids)] = torch.tensor(piece_pos_ids(enc.offsets, analyses[row], len(chunk[row])))
+        for text, enc, path in zip(chunk, encodings, model.decode(ids, mask, pos_ids=pos)):
             char_tags = pieces_to_char_tags(enc.offsets, [labels[t] for t in path], len(text))
             spans = sorted(extract_entities(char_tags), key=lambda span: span[1])
             out.append([Entity(text[s:e].strip(), kind, s, e) for kind, s, e in spans])

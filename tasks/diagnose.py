@@ -207,9 +207,10 @@ def decode_scores(refs: Sequence[str]) -> list[dict[str, Any]]:
     for ref in refs:
         path = checkpoints.resolve(ref, cfg.logger.tracking_uri)
         module = checkpoints.module_from(path, NerModule, "ner")
-        data_key = (str(module.hparams.tokenizer_dir), int(module.hparams.max_seq_len))  # encoded as it was trained
+        pos = bool(module.hparams.get("pos_features", False))
+        data_key = (str(module.hparams.tokenizer_dir), int(module.hparams.max_seq_len), pos)  # encoded as it was trained
         if data_key not in data_by_tokenizer:
-            dm = instantiate(cfg.task.data, tokenizer_dir=data_key[0], max_seq_len=data_key[1])
+            dm = instantiate(cfg.task.data, tokenizer_dir=data_key[0], max_seq_len=data_key[1], pos_features=pos)
             dm.prepare_data()
             dm.setup("fit")
             dm.setup("test")

@@ -20,6 +20,7 @@ from bert.metrics import (
 )
 from bert.model import BertConfig
 from bert.ner_align import alignment_ceiling, drop_spaces, pieces_to_char_tags
+from bert.pos import POS_LABELS
 from bert.tokenizer import load_tokenizer
 from datamodules.klue_ner import ENTITY_TYPES
 from tasks.base import TaskModule, task_hparams
@@ -42,14 +43,17 @@ class NerModule(TaskModule):
         max_seq_len: int = 128,
         constrained_decoding: bool = True,
         lstm_hidden: int = 0,
+        pos_features: bool = False,
     ) -> None:
         super().__init__(
             task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
-                         constrained_decoding=bool(constrained_decoding), lstm_hidden=int(lstm_hidden))  # fmt: skip
+                         constrained_decoding=bool(constrained_decoding), lstm_hidden=int(lstm_hidden),
+                         pos_features=bool(pos_features))  # fmt: skip
         )
         self.labels = list(labels)
         self.label2id = {label: i for i, label in enumerate(self.labels)}
-        self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout, int(lstm_hidden))
+        self.model = BertCrfTagger(BertConfig(**dict(model_config)), len(self.labels), classifier_dropout,
+                                   int(lstm_hidden), pos_vocab=len(POS_LABELS) if pos_features else 0)  # fmt: skip
         if constrained_decoding:  # Viterbi over IOB2-valid paths only (bert.heads)
             self.model.constrain(*tagger_allowed(self.labels))
         self._reset_counts()
@@ -60,11 +64,12 @@ class NerModule(TaskModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         return self._log_train_loss(
-            self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"])
+            self.model.loss(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"],
+                            batch.get("pos_ids"))  # fmt: skip
         )
 
     def char_predictions(self, batch: Mapping[str, Any]) -> list[list[str]]:
-        paths = self.model.decode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        paths = self.model.decode(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], batch.get("pos_ids"))
         out = []
         for path, offsets, n_chars in zip(paths, batch["offsets"], batch["n_chars"]):
             piece_tags = [self.labels[t] for t in path[: len(offsets)]]
@@ -82,7 +87,7 @@ class NerModule(TaskModule):
     def _eval_step(self, batch: Mapping[str, Any], stage: str) -> None:
         bsz = batch["input_ids"].size(0)
         loss = self.model.loss(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"]
+            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["token_type_ids"], batch.get("pos_ids")
         )
         self.log(f"{stage}/loss", loss, batch_size=bsz, sync_dist=True)
         gold_seqs, pred_seqs = self.scored_tags(batch)

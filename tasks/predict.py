@@ -67,8 +67,10 @@ def load(ref: str, expected: str, tracking_uri: str | None = None) -> Loaded:
         model = BertForPreTraining(config)
     elif kind == "ner":
         from bert.heads import BertCrfTagger, tagger_allowed
+        from bert.pos import POS_LABELS
 
-        model = BertCrfTagger(config, len(hparams["labels"]), lstm_hidden=int(hparams.get("lstm_hidden", 0)))
+        model = BertCrfTagger(config, len(hparams["labels"]), lstm_hidden=int(hparams.get("lstm_hidden", 0)),
+                              pos_vocab=len(POS_LABELS) if hparams.get("pos_features") else 0)  # fmt: skip
         if hparams.get("constrained_decoding", True):  # as tasks.ner.NerModule decodes (IOB2-valid paths only)
             model.constrain(*tagger_allowed(hparams["labels"]))
     else:

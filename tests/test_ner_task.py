@@ -154,7 +154,7 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
         timeout=400,
     )
     check(proc)
-    runs = runs_of(workdir, "finetune-ner")
+    runs = [r for r in runs_of(workdir, "finetune-ner") if r.info.run_name != "ner-pos"]  # the store is shared
     assert sorted(r.data.tags["init"] for r in runs) == ["pretrained", "scratch"]
     client = MlflowClient(f"sqlite:///{workdir}/mlruns/mlflow.db")
     for run in runs:
@@ -214,3 +214,28 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
     )  # fmt: skip
     assert out.returncode != 0 and "fine-tuned ner checkpoint" in out.stderr and "tasks.tag" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_finetune_with_pos_features_end_to_end(pretrained_store):
+    """`task.pos_features=true`: kiwi's analysis of the task file is cached under data_dir, the checkpoint carries
+    the flag, re-scoring it reproduces the logged F1 (so diagnose encodes with POS too) and tasks.tag runs it."""
+    from tasks.diagnose import decode_scores
+
+    workdir, cache = pretrained_store
+    (pre,) = runs_of(workdir)
+    args = ["task=ner", "debug=fdr", f"pretrained={pre.info.run_id}", "task.pos_features=true",
+            f"paths.data_dir={workdir}/pos-data", "logger.run_name=ner-pos"]  # fmt: skip
+    check(run_cli("run_finetune.py", args, workdir, cache, timeout=600))
+    (run,) = [r for r in runs_of(workdir, "finetune-ner") if r.info.run_name == "ner-pos"]
+    assert run.info.status == "FINISHED" and list((workdir / "pos-data" / "pos").glob("klue-ner-v1.1_dev-*.json"))
+    ckpt = torch.load(run.data.tags["best_ckpt"], weights_only=True)
+    assert ckpt["hyper_parameters"]["pos_features"] is True and "model.pos_embeddings.weight" in ckpt["state_dict"]
+    (row,) = decode_scores([run.data.tags["best_ckpt"]])
+    assert row["test_iob2"][0] == pytest.approx(run.data.metrics["test/entity_f1_macro"], abs=1e-6)
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.tag", run.data.tags["best_ckpt"], "이순신은 1545년 서울에서 태어났다."],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    check(out)
+    assert out.stdout.startswith("이순신은 1545년 서울에서 태어났다.")
