@@ -13,28 +13,10 @@ from bert.pos import KIWI_TAGS, PAD_ID, POS_LABELS, UNK_ID, analyse, piece_pos_i
 from bert.tokenizer import save_tokenizer, tokenizer_from_vocab
 from datamodules import klue_ner
 from datamodules.klue_ner import KlueNerDataModule, KlueNerDataset, collate_ner
+from tests.test_klue_ner import GOOD as TSV  # two sentences: 이순신은 서울에 / 김 대중
 
 ID = {label: i for i, label in enumerate(POS_LABELS)}
 CONFIG = BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37)
-TSV = """## 0\t<이순신:PS>은 <서울:LC>에 갔다.
-이\tB-PS
-순\tI-PS
-신\tI-PS
-은\tO
- \tO
-서\tB-LC
-울\tI-LC
-에\tO
- \tO
-갔\tO
-다\tO
-.\tO
-
-## 1\t<김대중:PS>
-김\tB-PS
-대\tI-PS
-중\tI-PS
-"""
 
 
 def test_piece_pos_ids_take_the_morpheme_under_the_first_character():
