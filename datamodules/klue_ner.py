@@ -17,7 +17,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -39,6 +39,7 @@ label2id: dict[str, int] = {label: index for index, label in enumerate(LABELS)}
 id2label: dict[int, str] = dict(enumerate(LABELS))
 
 SPLITS = ("train", "val", "test")
+T = TypeVar("T")  # split_by_index splits sentences and their per-sentence analyses alike
 
 
 @dataclass
@@ -50,7 +51,6 @@ class NerSentence:
     tags: list[str]
     guid: str | None = None
     line_no: int = 0
-    pos_spans: list[Span] | None = None  # kiwi's morphemes, when POS features are on
 
     @property
     def text(self) -> str:
@@ -146,8 +146,8 @@ def read_klue_ner(path: str | Path) -> list[NerSentence]:
 
 
 def split_by_index(
-    sentences: Sequence[NerSentence], test_mod: int = 0, val_mod: int = 1, modulus: int = 10
-) -> dict[str, list[NerSentence]]:
+    sentences: Sequence[T], test_mod: int = 0, val_mod: int = 1, modulus: int = 10
+) -> dict[str, list[T]]:
     """Deterministic split by position i in `sentences` (file order, empty sentences already skipped):
     i % modulus == test_mod -> test, == val_mod -> val, else train. The mirror's 5,000 dev sentences give
     4,000 / 500 / 500. The upstream train file is not mirrored, so the dev file is split this way."""
@@ -155,7 +155,7 @@ def split_by_index(
         raise ValueError("test_mod and val_mod must differ")
     if not (0 <= test_mod < modulus and 0 <= val_mod < modulus):
         raise ValueError(f"test_mod and val_mod must lie in [0, {modulus})")
-    splits: dict[str, list[NerSentence]] = {name: [] for name in SPLITS}
+    splits: dict[str, list[T]] = {name: [] for name in SPLITS}
     for index, sentence in enumerate(sentences):
         remainder = index % modulus
         name = "test" if remainder == test_mod else "val" if remainder == val_mod else "train"
@@ -334,13 +334,14 @@ class KlueNerDataModule(TaskDataModule):
             raise ValueError("KlueNerDataModule needs tokenizer_dir (the tokenizer of the encoder)")
         tokenizer = load_tokenizer(Path(self.tokenizer_dir))
         sentences = read_klue_ner(self.path)
-        if self.pos_features:  # the analysis rides along the split: sentence i keeps its own morphemes
-            analyses = pos_analyses(sentences, self.path, self.pos_cache_path)
-            for sentence, spans in zip(sentences, analyses, strict=True):
-                sentence.pos_spans = spans
-        for name, part in split_by_index(sentences, **self.split).items():
-            spans = [sentence.pos_spans for sentence in part] if self.pos_features else None
-            self.datasets[name] = KlueNerDataset(part, tokenizer, self.max_seq_len, pos_spans=spans)
+        parts = split_by_index(sentences, **self.split)
+        # the analyses are split by the same indices, so sentence i keeps its own morphemes
+        analyses = (
+            split_by_index(pos_analyses(sentences, self.path, self.pos_cache_path), **self.split)
+            if self.pos_features else dict.fromkeys(parts)
+        )  # fmt: skip
+        for name, part in parts.items():
+            self.datasets[name] = KlueNerDataset(part, tokenizer, self.max_seq_len, pos_spans=analyses[name])
         log.info(
             "KLUE-NER %s: %s sentences",
             self.path, {name: len(ds) for name, ds in self.datasets.items()},

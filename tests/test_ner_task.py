@@ -199,13 +199,7 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
     assert row["test_iob2"][1] == pytest.approx(pretrained.data.metrics["test/entity_f1_micro"], abs=1e-6)
     assert set(row) == {"checkpoint", "val_free", "val_iob2", "test_free", "test_iob2"}
 
-    # tag raw text with the fine-tuned model (command line)
-    out = subprocess.run(
-        [sys.executable, "-m", "tasks.tag", pretrained.data.tags["best_ckpt"], "이순신은 1545년 서울에서 태어났다."],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    check(out)
-    assert out.stdout.startswith("이순신은 1545년 서울에서 태어났다.")
+    _tag_from_the_command_line(pretrained.data.tags["best_ckpt"])
 
     # exporting the fine-tuning run says what it is and which command takes it (not a key dump)
     out = subprocess.run(
@@ -214,6 +208,16 @@ def test_finetune_pretrained_and_scratch_are_tracked(pretrained_store):
     )  # fmt: skip
     assert out.returncode != 0 and "fine-tuned ner checkpoint" in out.stderr and "tasks.tag" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _tag_from_the_command_line(ckpt: str) -> None:
+    """`python -m tasks.tag <ckpt> <text>` runs on a fine-tuned NER checkpoint and echoes the text first."""
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.tag", ckpt, "이순신은 1545년 서울에서 태어났다."],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    check(out)
+    assert out.stdout.startswith("이순신은 1545년 서울에서 태어났다.")
 
 
 @pytest.mark.slow
@@ -233,9 +237,4 @@ def test_finetune_with_pos_features_end_to_end(pretrained_store):
     assert ckpt["hyper_parameters"]["pos_features"] is True and "model.pos_embeddings.weight" in ckpt["state_dict"]
     (row,) = decode_scores([run.data.tags["best_ckpt"]])
     assert row["test_iob2"][0] == pytest.approx(run.data.metrics["test/entity_f1_macro"], abs=1e-6)
-    out = subprocess.run(
-        [sys.executable, "-m", "tasks.tag", run.data.tags["best_ckpt"], "이순신은 1545년 서울에서 태어났다."],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    check(out)
-    assert out.stdout.startswith("이순신은 1545년 서울에서 태어났다.")
+    _tag_from_the_command_line(run.data.tags["best_ckpt"])
