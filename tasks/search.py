@@ -4,9 +4,9 @@
 
 Each study (`python -m tasks.study`) fine-tuned scratch and one or more checkpoints of a pretraining run on
 the tasks, 3 seeds each, at each arm's best learning rate on validation. This prints, per checkpoint:
-the **validation** gain over the scratch arm of the same study (or of `--scratch <study>` for studies run
-with `scratch=false`, e.g. pretrained-only knobs like `optim.layer_decay`) (the number a recipe is chosen by, mean over
-seeds), its mean over tasks, and the **test** gain with both arms' seed spreads, flagged `*` where the gain is
+the **validation** gain over the scratch arm of the same study (or, for studies run with `scratch=false`, of the
+study with a scratch arm and the same fine-tuning recipe, listed or given as `--scratch <study>`, repeatable) (the
+number a recipe is chosen by, mean over seeds), its mean over tasks, and the **test** gain with both arms' seed spreads, flagged `*` where the gain is
 larger than the larger of the two spreads. Rows are sorted by mean validation gain: the recipes that lost
 stay in the table. A second table, the verdict, sets each checkpoint at its best fine-tuning recipe against
 scratch at *its* best (both chosen on val), so that more epochs or another lr that help scratch as much are
@@ -93,6 +93,12 @@ def scratch_groups(scratch_keys: Mapping[str, set[str]]) -> dict[str, str]:
 
 def load_study(client, parent_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(study.json, study_spec.json) of a study parent run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(parent_id)
+    except MlflowException:
+        raise SystemExit(f"study {parent_id}: no such run in the MLflow store {client.tracking_uri}") from None
     with tempfile.TemporaryDirectory() as tmp:
         study = json.loads(Path(client.download_artifacts(parent_id, "study.json", tmp)).read_text())
         spec = json.loads(Path(client.download_artifacts(parent_id, "study_spec.json", tmp)).read_text())
@@ -158,6 +164,36 @@ def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
     return "\n".join(lines)
 
 
+def scratch_for(
+    recipe: str, tasks: Sequence[str], scratch_arms: Mapping[str, tuple[str, Mapping[str, Any]]]
+) -> tuple[dict[str, Any], list[str]]:
+    """The scratch row a study run with scratch=false is measured against: task by task, the scratch arm of a
+    `--scratch` study with the same fine-tuning recipe, apart from knobs that only act on pretrained weights
+    (PRETRAINED_ONLY): a gain must not come from another recipe (more epochs, or a feature such as
+    task.pos_features, would be credited to pretraining). Returns it and the studies used;
+    tasks with no such study are absent from its cells."""
+    cells, used = {}, []
+    for task in tasks:
+        for sid, (their_recipe, arm) in scratch_arms.items():
+            if _shared_part(their_recipe) == _shared_part(recipe) and task in arm["cells"]:
+                cells[task] = arm["cells"][task]
+                used += [sid] if sid not in used else []
+                break
+    return {"arm": "scratch", "kind": "scratch", "cells": cells}, used
+
+
+# knobs that act on pretrained weights only: a study of them is measured against scratch without them
+PRETRAINED_ONLY = ("optim.layer_decay=", "reinit_layers=")
+
+
+def _shared_part(recipe: str) -> str:
+    return " ".join(w for w in recipe.split() if not w.startswith(PRETRAINED_ONLY))
+
+
+def _recipe_of(spec: Mapping[str, Any]) -> str:
+    return " ".join(spec.get("recipe") or []) or "task defaults"
+
+
 def _scratch_keys(study: Mapping[str, Any]) -> set[str]:
     return {r["key"] for r in study.get("runs", []) if (r.get("tags") or {}).get("study_arm") == "scratch"}
 
@@ -171,7 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.search", description=__doc__.split("\n")[0])
     parser.add_argument("studies", nargs="+", help="study parent run ids (experiment 'study')")
     parser.add_argument("--out", help="also write the table to this markdown file")
-    parser.add_argument("--scratch", help="study whose scratch arm serves studies run with scratch=false")
+    parser.add_argument("--scratch", action="append", default=[],
+                        help="a study whose scratch arm serves studies run with scratch=false (repeat it: each "
+                             "such study, task by task, takes the one with its own fine-tuning recipe)")  # fmt: skip
     args = parser.parse_args(argv)
 
     from hydra import compose, initialize_config_dir
@@ -181,32 +219,47 @@ def main(argv: Sequence[str] | None = None) -> None:
         uri = compose("finetune").logger.tracking_uri
         versions = {t: compose("finetune", [f"task={t}"]).task.get("data_version") for t in ALL_TASKS}
     client = MlflowClient(uri)
-    entries, tasks, scratch_keys = [], [], {}
-    fallback = None
-    if args.scratch:
-        scratch_study, scratch_spec = load_study(client, args.scratch)
-        fallback = next(r for r in scratch_study["rows"] if r["kind"] == "scratch")
+    entries, tasks, scratch_keys, scratch_arms = [], [], {}, {}
+    for sid in args.scratch:
+        scratch_study, scratch_spec = load_study(client, sid)
+        arm = next((r for r in scratch_study["rows"] if r["kind"] == "scratch"), None)
+        if arm is None:
+            raise SystemExit(f"--scratch {sid}: that study has no scratch arm (it was run with scratch=false)")
         stale = stale_tasks(scratch_spec, versions)  # a scratch arm scored another way compares with nothing now
         if stale:
-            print(f"scratch study {args.scratch[:8]}: left out {', '.join(stale)}: made on older data "
+            print(f"scratch study {sid[:8]}: left out {', '.join(stale)}: made on older data "
                   "(task.data_version changed)")  # fmt: skip
-            fallback = without_tasks(fallback, stale)
-        scratch_keys[args.scratch] = _scratch_keys(scratch_study)
-    for parent in args.studies:
-        study, spec = load_study(client, parent)
-        # a study run with scratch=false is compared with --scratch's arm: it belongs to that group
-        # one run's studies share one random init
-        scratch_keys[parent] = (_scratch_keys(study) or scratch_keys.get(args.scratch, set())) | {
-            f"pretrain_run:{spec['pretrain_run']}"}  # fmt: skip
+            arm = without_tasks(arm, stale)
+        scratch_arms[sid] = (_recipe_of(scratch_spec), arm)
+        scratch_keys[sid] = _scratch_keys(scratch_study)
+    loaded = {parent: load_study(client, parent) for parent in args.studies}
+    for parent, (study, spec) in loaded.items():  # a listed study with a scratch arm serves the others too
+        arm = next((r for r in study["rows"] if r["kind"] == "scratch"), None)
+        if arm is not None and parent not in scratch_arms:
+            scratch_arms[parent] = (_recipe_of(spec), without_tasks(arm, stale_tasks(spec, versions)))
+            scratch_keys[parent] = _scratch_keys(study)
+    for parent, (study, spec) in loaded.items():
         stale = stale_tasks(spec, versions)
         if stale:
             print(f"study {parent[:8]}: left out {', '.join(stale)}: made on older data (task.data_version changed)")
             spec = {**spec, "tasks": [t for t in spec["tasks"] if t not in stale]}
+        fallback, used = None, []
+        if not any(r["kind"] == "scratch" for r in study["rows"]):
+            fallback, used = scratch_for(_recipe_of(spec), spec["tasks"], scratch_arms)
+            missing = [t for t in spec["tasks"] if t not in fallback["cells"]]
+            if missing:
+                print(f"study {parent[:8]} (scratch=false): left out {', '.join(missing)}: no --scratch study of "
+                      f"that task with its recipe '{_recipe_of(spec)}'")  # fmt: skip
+                spec = {**spec, "tasks": [t for t in spec["tasks"] if t not in missing]}
+        # a study run with scratch=false belongs to the group of the scratch studies it is compared with;
+        # one run's studies share one random init
+        scratch_keys[parent] = (_scratch_keys(study) or set().union(*(scratch_keys[u] for u in used))) | {
+            f"pretrain_run:{spec['pretrain_run']}"}  # fmt: skip
         if not spec["tasks"]:
             continue
         tasks += [t for t in spec["tasks"] if t not in tasks]
         name = client.get_run(spec["pretrain_run"]).data.tags.get("mlflow.runName", spec["pretrain_run"][:8])
-        recipe = " ".join(spec.get("recipe") or []) or "task defaults"
+        recipe = _recipe_of(spec)
         for entry in gains(study, spec["tasks"], fallback):
             entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}",
                             "study": parent})  # fmt: skip

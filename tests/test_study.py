@@ -210,6 +210,28 @@ def test_search_never_compares_with_a_stale_scratch_row():
     assert list(row["tasks"]) == ["topic"]  # ner's scratch was scored the old way: no ner gain at all
 
 
+def test_search_measures_a_scratch_false_study_against_scratch_of_its_own_recipe():
+    """`--scratch` repeated: each task of a study run with scratch=false takes the scratch arm fine-tuned with the
+    same recipe (a feature or more epochs that lift scratch too must not count as pretraining's gain); knobs
+    that only act on pretrained weights are ignored in the match, and a task with no match is left out."""
+    from tasks.search import gains, scratch_for
+
+    def arm(**vals):
+        return {"arm": "scratch", "kind": "scratch",
+                "cells": {t: {"mean": v, "std": 0.01, "val": v} for t, v in vals.items()}}  # fmt: skip
+
+    scratch_arms = {"plain": ("trainer.max_epochs=6", arm(ner=0.68)),
+                    "pos": ("trainer.max_epochs=6 task.pos_features=true", arm(ner=0.72)),
+                    "sts": ("trainer.max_epochs=20", arm(sts=0.33, ner=0.1))}  # fmt: skip
+    row, used = scratch_for("trainer.max_epochs=6 task.pos_features=true", ["ner", "sts"], scratch_arms)
+    assert row["cells"] == {"ner": scratch_arms["pos"][1]["cells"]["ner"]} and used == ["pos"]  # no sts at 6 epochs
+    row, used = scratch_for("trainer.max_epochs=6 optim.layer_decay=0.8", ["ner"], scratch_arms)
+    assert row["cells"]["ner"]["val"] == 0.68 and used == ["plain"]
+    study = {"rows": [{"arm": "step 9", "kind": "budget", "cells": {"ner": {"mean": 0.76, "std": 0.01, "val": 0.77}}}]}
+    (gain,) = gains(study, ["ner"], scratch_for("trainer.max_epochs=6 task.pos_features=true", ["ner"], scratch_arms)[0])
+    assert gain["tasks"]["ner"]["val_gain"] == pytest.approx(0.05)  # against scratch with the tag, not 0.09
+
+
 def test_search_merges_one_recipe_studied_task_by_task():
     from tasks.search import merge
 
