@@ -198,6 +198,24 @@ def _scratch_keys(study: Mapping[str, Any]) -> set[str]:
     return {r["key"] for r in study.get("runs", []) if (r.get("tags") or {}).get("study_arm") == "scratch"}
 
 
+def _serve_as_scratch(
+    sid: str,
+    study: Mapping[str, Any],
+    spec: Mapping[str, Any],
+    versions: Mapping[str, Any],
+    scratch_arms: dict[str, tuple[str, Mapping[str, Any]]],
+    scratch_keys: dict[str, set[str]],
+) -> bool:
+    """Record a study's scratch arm (less the tasks made on older data) for the scratch=false studies of its
+    recipe; False when the study has none."""
+    arm = next((r for r in study["rows"] if r["kind"] == "scratch"), None)
+    if arm is None:
+        return False
+    scratch_arms[sid] = (_recipe_of(spec), without_tasks(arm, stale_tasks(spec, versions)))
+    scratch_keys[sid] = _scratch_keys(study)
+    return True
+
+
 def _recipe(recipe: str) -> str:
     """The overrides of a recipe label, without the lr grid (the chosen lr is its own column)."""
     return recipe.rsplit(", lrs ", 1)[0]
@@ -222,22 +240,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     entries, tasks, scratch_keys, scratch_arms = [], [], {}, {}
     for sid in args.scratch:
         scratch_study, scratch_spec = load_study(client, sid)
-        arm = next((r for r in scratch_study["rows"] if r["kind"] == "scratch"), None)
-        if arm is None:
+        if not _serve_as_scratch(sid, scratch_study, scratch_spec, versions, scratch_arms, scratch_keys):
             raise SystemExit(f"--scratch {sid}: that study has no scratch arm (it was run with scratch=false)")
         stale = stale_tasks(scratch_spec, versions)  # a scratch arm scored another way compares with nothing now
         if stale:
             print(f"scratch study {sid[:8]}: left out {', '.join(stale)}: made on older data "
                   "(task.data_version changed)")  # fmt: skip
-            arm = without_tasks(arm, stale)
-        scratch_arms[sid] = (_recipe_of(scratch_spec), arm)
-        scratch_keys[sid] = _scratch_keys(scratch_study)
     loaded = {parent: load_study(client, parent) for parent in args.studies}
     for parent, (study, spec) in loaded.items():  # a listed study with a scratch arm serves the others too
-        arm = next((r for r in study["rows"] if r["kind"] == "scratch"), None)
-        if arm is not None and parent not in scratch_arms:
-            scratch_arms[parent] = (_recipe_of(spec), without_tasks(arm, stale_tasks(spec, versions)))
-            scratch_keys[parent] = _scratch_keys(study)
+        if parent not in scratch_arms:
+            _serve_as_scratch(parent, study, spec, versions, scratch_arms, scratch_keys)
     for parent, (study, spec) in loaded.items():
         stale = stale_tasks(spec, versions)
         if stale:
