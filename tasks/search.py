@@ -221,14 +221,20 @@ def _recipe(recipe: str) -> str:
     return recipe.rsplit(", lrs ", 1)[0]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Study ids may come before, between or after `--scratch` ones (argparse's plain parse stops at the
+    first option after a positional list)."""
     parser = argparse.ArgumentParser(prog="python -m tasks.search", description=__doc__.split("\n")[0])
     parser.add_argument("studies", nargs="+", help="study parent run ids (experiment 'study')")
     parser.add_argument("--out", help="also write the table to this markdown file")
     parser.add_argument("--scratch", action="append", default=[],
                         help="a study whose scratch arm serves studies run with scratch=false (repeat it: each "
                              "such study, task by task, takes the one with its own fine-tuning recipe)")  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
 
     from hydra import compose, initialize_config_dir
     from mlflow.tracking import MlflowClient

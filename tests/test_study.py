@@ -291,3 +291,10 @@ def test_search_pools_scratch_over_every_study_of_the_same_random_init():
     assert "| -0.050 | no, worse |" in lines[1]
     alone = best_vs_best([sixty, {**thirty, "scratch_group": "other"}], ["sts"]).splitlines()[3]
     assert "20 ep, lr 0.001 → 0.200, 0.100" in alone and "| +0.150 | yes |" in alone
+
+
+def test_search_takes_study_ids_on_either_side_of_scratch_ids():
+    from tasks.search import parse_args
+
+    args = parse_args(["s1", "--scratch", "x1", "s2", "--scratch", "x2", "s3"])
+    assert args.studies == ["s1", "s2", "s3"] and args.scratch == ["x1", "x2"]
