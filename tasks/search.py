@@ -2,6 +2,8 @@
 
     python -m tasks.search <study parent run id> [<study parent run id> ...] [--out search.md]
 
+A study may be named by a unique prefix of its id, as the tables print them (8 characters).
+
 Each study (`python -m tasks.study`) fine-tuned scratch and one or more checkpoints of a pretraining run on
 the tasks, 3 seeds each, at each arm's best learning rate on validation. This prints, per checkpoint:
 the **validation** gain over the scratch arm of the same study (or, for studies run with `scratch=false`, of the
@@ -91,14 +93,20 @@ def scratch_groups(scratch_keys: Mapping[str, set[str]]) -> dict[str, str]:
     return {s: root(s) for s in scratch_keys}
 
 
+def resolve_study(client, ref: str) -> str:
+    """The parent run id of a study from its id or a unique prefix (the tables print 8 characters)."""
+    from tasks.study import EXPERIMENT
+    from tasks.tracking import resolve_run_id
+
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    try:
+        return resolve_run_id(client, ref, [exp.experiment_id] if exp else [], "tags.study_parent = 'true'")
+    except LookupError as err:
+        raise SystemExit(f"study {ref}: {err} among the studies of the MLflow store {client.tracking_uri}") from None
+
+
 def load_study(client, parent_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(study.json, study_spec.json) of a study parent run."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.get_run(parent_id)
-    except MlflowException:
-        raise SystemExit(f"study {parent_id}: no such run in the MLflow store {client.tracking_uri}") from None
     with tempfile.TemporaryDirectory() as tmp:
         study = json.loads(Path(client.download_artifacts(parent_id, "study.json", tmp)).read_text())
         spec = json.loads(Path(client.download_artifacts(parent_id, "study_spec.json", tmp)).read_text())
@@ -225,7 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Study ids may come before, between or after `--scratch` ones (argparse's plain parse stops at the
     first option after a positional list)."""
     parser = argparse.ArgumentParser(prog="python -m tasks.search", description=__doc__.split("\n")[0])
-    parser.add_argument("studies", nargs="+", help="study parent run ids (experiment 'study')")
+    parser.add_argument("studies", nargs="+", help="study parent run ids, or unique prefixes (experiment 'study')")
     parser.add_argument("--out", help="also write the table to this markdown file")
     parser.add_argument("--scratch", action="append", default=[],
                         help="a study whose scratch arm serves studies run with scratch=false (repeat it: each "
@@ -243,6 +251,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         uri = compose("finetune").logger.tracking_uri
         versions = {t: compose("finetune", [f"task={t}"]).task.get("data_version") for t in ALL_TASKS}
     client = MlflowClient(uri)
+    args.scratch = [resolve_study(client, ref) for ref in args.scratch]
+    args.studies = list(dict.fromkeys(resolve_study(client, ref) for ref in args.studies))
     entries, tasks, scratch_keys, scratch_arms = [], [], {}, {}
     for sid in args.scratch:
         scratch_study, scratch_spec = load_study(client, sid)

@@ -375,7 +375,7 @@ def val_score(client, run, monitor: str, mode: str) -> float | None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
-    parser.add_argument("run_id", help="MLflow run id of a pretraining run with budget checkpoints")
+    parser.add_argument("run_id", help="MLflow run id (or a unique prefix) of a pretraining run with budget checkpoints")
     parser.add_argument("settings", nargs="*", metavar="key=value",
                         help="tasks= budgets= seeds= lrs= arms= scratch= extra_args= out_dir= dry_run= jobs=")  # fmt: skip
     args = parser.parse_args(argv)
@@ -429,6 +429,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if str(uri).startswith("sqlite:"):
         tracking.ensure_store(uri, artifact_location, experiments=(EXPERIMENT,))
     client = MlflowClient(uri)
+    try:  # a unique prefix will do; the spec (and so resuming) keys on the full id
+        args.run_id = tracking.resolve_run_id(client, args.run_id)
+    except LookupError as err:
+        raise SystemExit(f"run {args.run_id}: {err} in the MLflow store {uri}") from None
 
     budgets = all_budgets = read_budgets(client, args.run_id, uri)
     if args.budgets is not None:

@@ -192,6 +192,34 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri)
 
 
+def resolve_run_id(client: Any, ref: str, experiment_ids: Iterable[str] | None = None, filter_string: str = "") -> str:
+    """A run id from a full id or a unique prefix of one, like git's short hashes (tables print 8 characters).
+
+    Raises LookupError naming the candidates when the prefix is ambiguous, or when nothing matches."""
+    from mlflow.exceptions import MlflowException
+
+    ref = str(ref).strip().lower()
+    try:
+        return client.get_run(ref).info.run_id
+    except MlflowException:
+        pass
+    if not re.fullmatch(r"[0-9a-f]{4,31}", ref):
+        raise LookupError(f"'{ref}' is not a run id (or a prefix of 4+ hex characters of one)")
+    ids = list(experiment_ids) if experiment_ids is not None else [e.experiment_id for e in client.search_experiments()]
+    found, token = [], None
+    while True:  # page through: a store of many studies holds thousands of runs
+        page = client.search_runs(ids, filter_string=filter_string, max_results=1000, page_token=token)
+        found += [r.info.run_id for r in page if r.info.run_id.startswith(ref)]
+        token = page.token
+        if not token:
+            break
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise LookupError(f"no run id starts with '{ref}'")
+    raise LookupError(f"'{ref}' is ambiguous: {len(found)} runs start with it ({', '.join(sorted(found)[:5])})")
+
+
 def find_resumable_run(tracking_uri: str, experiment: str) -> tuple[str, Path]:
     """The newest run of `experiment` whose `last_ckpt` still exists: (run_id, checkpoint path)."""
     client = _client(tracking_uri)
@@ -245,18 +273,18 @@ def default_tracking_uri() -> str:
 
 
 def resolve_checkpoint(ref: str | os.PathLike, tracking_uri: str | None = None) -> Path:
-    """A checkpoint path, or an MLflow run id whose best (else last) checkpoint is returned."""
+    """A checkpoint path, or an MLflow run id (or a unique prefix of one) whose best (else last) checkpoint is
+    returned."""
     path = Path(ref)
     if path.is_file():
         return path
     uri = tracking_uri or default_tracking_uri()
-    from mlflow.exceptions import MlflowException
-
+    client = _client(uri)
     try:
-        run = _client(uri).get_run(str(ref))
-    except MlflowException as err:
+        run = client.get_run(resolve_run_id(client, str(ref)))
+    except LookupError as err:
         raise FileNotFoundError(
-            f"'{ref}' is neither a checkpoint file nor a run id in the MLflow store {uri}"
+            f"'{ref}' is neither a checkpoint file nor a run id in the MLflow store {uri}: {err}"
         ) from err
     for tag in ("best_ckpt", "last_ckpt"):
         ckpt = run.data.tags.get(tag)

@@ -136,6 +136,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert pretrained.data.tags["pretrained_ckpt"].endswith("budget-step2.ckpt")
     assert client.get_run(parent.info.run_id).info.run_id == parent.info.run_id
 
+    cmd[3] = run.info.run_id[:8]  # a unique prefix names the same run, so the same study resumes
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     check(again)
     assert "launched 0, reused 4, failed 0" in again.stdout, again.stdout[-3000:]
@@ -298,3 +299,52 @@ def test_search_takes_study_ids_on_either_side_of_scratch_ids():
 
     args = parse_args(["s1", "--scratch", "x1", "s2", "--scratch", "x2", "s3"])
     assert args.studies == ["s1", "s2", "s3"] and args.scratch == ["x1", "x2"]
+
+
+def test_runs_and_studies_resolve_from_a_unique_prefix_of_their_id(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.search import resolve_study
+    from tasks.tracking import resolve_run_id
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    pre = client.create_experiment("pretrain", artifact_location=str(tmp_path / "a"))
+    study = client.create_experiment("study", artifact_location=str(tmp_path / "b"))
+    run = client.create_run(pre).info.run_id
+    parent = client.create_run(study, tags={"study_parent": "true"}).info.run_id
+    child = client.create_run(study, tags={"study_parent": parent}).info.run_id
+    assert resolve_run_id(client, run) == run and resolve_run_id(client, run[:8].upper()) == run
+    assert resolve_study(client, parent[:8]) == parent
+    with pytest.raises(SystemExit, match="no run id starts with"):  # a fine-tuning child is not a study
+        resolve_study(client, child[:8])
+    with pytest.raises(LookupError, match="no run id starts with"):
+        resolve_run_id(client, "0" * 31)
+    with pytest.raises(LookupError, match="not a run id"):
+        resolve_run_id(client, "scratch")
+
+
+def test_an_ambiguous_prefix_names_the_candidates_across_pages():
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import resolve_run_id
+
+    class Pages(list):
+        token = None
+
+    def run(run_id):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id))
+
+    def search_runs(ids, filter_string, max_results, page_token):
+        page = Pages([run("abcd" + "0" * 28), run("ffff" + "0" * 28)] if page_token is None else [run("abcd" + "1" * 28)])
+        page.token = "next" if page_token is None else None
+        return page
+
+    def get_run(run_id):
+        raise MlflowException("no such run")
+
+    client = SimpleNamespace(get_run=get_run, search_runs=search_runs)
+    with pytest.raises(LookupError, match="ambiguous: 2 runs"):  # the second match is on the second page
+        resolve_run_id(client, "abcd", ["1"])
+    assert resolve_run_id(client, "abcd1", ["1"]) == "abcd" + "1" * 28
