@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.tracking import _client, default_tracking_uri
+from tasks.tracking import _client, default_tracking_uri, resolve_run_id
 
 
 @dataclass
@@ -28,7 +28,7 @@ class RunCurves:
 def load_runs(
     refs: Iterable[str], metrics: Sequence[str], tracking_uri: str, until_minutes: float | None = None
 ) -> list[RunCurves]:
-    """Each ref is a run id or a run-name prefix (every run of that prefix, oldest first)."""
+    """Each ref is a run id, a run-name prefix (every run of that prefix, oldest first) or a unique run-id prefix."""
     client = _client(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = []
@@ -38,8 +38,11 @@ def load_runs(
             found = client.search_runs(
                 experiments, filter_string=f"attributes.run_name LIKE '{ref}%'", order_by=["attributes.start_time ASC"]
             )
-        if not found:
-            raise SystemExit(f"no run id or run name starting with '{ref}' in {tracking_uri}")
+        if not found:  # a run-id prefix, as the tables print them
+            try:
+                found = [client.get_run(resolve_run_id(client, ref, experiments))]
+            except LookupError as err:
+                raise SystemExit(f"no run name starting with '{ref}' in {tracking_uri}, and as a run id: {err}") from None
         runs.extend(found)
     out = []
     for run in runs:
@@ -114,7 +117,7 @@ def plot(runs: Sequence[RunCurves], metrics: Sequence[str], out: Path, target: t
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", help="run ids or run-name prefixes")
+    parser.add_argument("runs", nargs="+", help="run ids, run-name prefixes or unique run-id prefixes")
     parser.add_argument("--metrics", nargs="+", default=["val/mlm_loss", "val/nsp_acc"])
     parser.add_argument("--target", nargs=2, metavar=("METRIC", "VALUE"), default=["val/nsp_acc", "0.75"])
     parser.add_argument("--until", type=float, metavar="MINUTES", help="cut every run at this wall time")

@@ -29,6 +29,7 @@ def test_crossing_in_steps_and_minutes(tmp_path, capsys):
     uri, ids = _store(tmp_path)
     runs = load_runs(["fast", ids["slow-b"]], ["val/mlm_loss", "val/nsp_acc"], uri)
     assert [r.name for r in runs] == ["fast-a", "slow-b"]
+    assert [r.name for r in load_runs([ids["slow-b"][:8]], ["val/nsp_acc"], uri)] == ["slow-b"]  # an id prefix
     assert first_reaching(runs[0].curves["val/nsp_acc"], 0.75, higher_is_better=True) == (1499, 6.0)
     assert first_reaching(runs[1].curves["val/nsp_acc"], 0.75, higher_is_better=True) is None
     assert first_reaching(runs[0].curves["val/mlm_loss"], 6.3, higher_is_better=False) == (999, 4.0)
