@@ -39,6 +39,11 @@ def sequence_classification_config(model: BertForSequenceClassification, labels:
     names = list(labels) if labels else ["score"]  # regression: one output, named for what it is
     if len(names) != model.num_labels:
         raise ValueError(f"{len(names)} labels for a head with {model.num_labels} outputs")
+    if model.pooling != "cls":
+        raise ValueError(
+            f"a {model.pooling}-pooled head has no transformers equivalent (its BertForSequenceClassification "
+            "reads the pooled [CLS]); export the pretraining checkpoint instead and mean-pool its outputs"
+        )
     return {
         "architectures": ["BertForSequenceClassification"],
         "id2label": {str(i): name for i, name in enumerate(names)},
@@ -157,7 +162,8 @@ def load_sequence_classification_checkpoint(
         raise ValueError(f"{path}: not a fine-tuned sentence-task checkpoint (hparams {sorted(hparams)})")
     config = BertConfig.from_dict(dict(hparams["model_config"]))
     labels = [str(label) for label in hparams["labels"]]
-    model = BertForSequenceClassification(config, len(labels) or 1, hparams.get("classifier_dropout"))
+    model = BertForSequenceClassification(config, len(labels) or 1, hparams.get("classifier_dropout"),
+                                          pooling=str(hparams.get("pooling", "cls")))  # fmt: skip
     state_dict = {k[len(CKPT_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(CKPT_PREFIX)}
     model.load_state_dict(state_dict, strict=True)
     tokenizer_dir = hparams.get("tokenizer_dir")
@@ -195,12 +201,12 @@ def main(argv: list[str] | None = None) -> None:
             model, config, tokenizer_dir = load_pretraining_checkpoint(path)
         else:
             model, config, tokenizer_dir, labels = load_sequence_classification_checkpoint(path)
-    except ValueError as err:  # wrong kind of checkpoint, or one that would run code: say so, no traceback
-        raise SystemExit(f"error: {err}") from None
-    tokenizer_dir = args.tokenizer_dir or tokenizer_dir
-    if tokenizer_dir is None:
-        parser.error("the checkpoint records no tokenizer_dir: pass --tokenizer-dir")
-    out = export_transformers(model, config, tokenizer_dir, args.out_dir, args.overwrite, labels)
+        tokenizer_dir = args.tokenizer_dir or tokenizer_dir
+        if tokenizer_dir is None:
+            parser.error("the checkpoint records no tokenizer_dir: pass --tokenizer-dir")
+        out = export_transformers(model, config, tokenizer_dir, args.out_dir, args.overwrite, labels)
+    except ValueError as err:  # a checkpoint of the wrong kind, one that would run code, or a head transformers
+        raise SystemExit(f"error: {err}") from None  # lacks: say so, no traceback
     what = type(model).__name__ + (f" ({kind}: {len(labels) or 'regression'} labels)" if labels is not None else "")
     print(f"exported {what} {config.num_hidden_layers}L/{config.hidden_size}H vocab {config.vocab_size} to {out}")
 

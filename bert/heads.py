@@ -2,6 +2,9 @@
 
 - `BertForSequenceClassification`: pooled [CLS] -> dropout -> linear (`classifier.weight/bias`), as
   transformers' class of that name; `num_labels == 1` is regression (MSE), otherwise cross-entropy.
+  `pooling="mean"` reads the mean of the last layer over the attention mask instead (Sentence-BERT's
+  pooling), with no pooler: [CLS] and the pooler are trained only by NSP, so an MLM-only checkpoint leaves
+  them near random init while every other position learned from MLM.
 - `BertCrfTagger`: token emissions -> linear-chain CRF (KLUE-NER). pytorch-crf needs a bool mask whose first
   timestep is on and valid tag ids everywhere (even under the mask), and returns a *summed log-likelihood*:
   the wrapper turns that into a mean negative log-likelihood. Its encoder has no pooler, so that plain DDP
@@ -21,17 +24,32 @@ from torchcrf import CRF
 
 from bert.model import BertConfig, BertModel
 
+POOLINGS = ("cls", "mean")
+
+
+def masked_mean(sequence: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, C) -> (B, C): the mean over the positions the mask keeps (all of them when it is None)."""
+    if attention_mask is None:
+        return sequence.mean(dim=1)
+    weights = attention_mask.to(sequence.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (sequence * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
 
 class BertForSequenceClassification(nn.Module):
     """Sentence and sentence-pair tasks (NLI, STS, topic): one vector per input from the pooler."""
 
-    def __init__(self, config: BertConfig, num_labels: int, classifier_dropout: float | None = None) -> None:
+    def __init__(
+        self, config: BertConfig, num_labels: int, classifier_dropout: float | None = None, pooling: str = "cls"
+    ) -> None:
         super().__init__()
         if num_labels < 1:
             raise ValueError(f"num_labels must be >= 1 (1 = regression), got {num_labels}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.config = config
         self.num_labels = num_labels
-        self.bert = BertModel(config, add_pooling_layer=True)
+        self.pooling = pooling
+        self.bert = BertModel(config, add_pooling_layer=pooling == "cls")
         self.dropout = nn.Dropout(config.hidden_dropout_prob if classifier_dropout is None else classifier_dropout)
         self.classifier = nn.Linear(config.hidden_size, num_labels)
         nn.init.normal_(self.classifier.weight, std=config.initializer_range)
@@ -49,7 +67,9 @@ class BertForSequenceClassification(nn.Module):
         attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, T) ids -> (B, num_labels) logits (a score for regression)."""
-        _, pooled = self.bert(input_ids, token_type_ids, attention_mask)  # (B, C)
+        sequence, pooled = self.bert(input_ids, token_type_ids, attention_mask)  # (B, T, C), (B, C) or None
+        if self.pooling == "mean":
+            pooled = masked_mean(sequence, attention_mask)
         return self.classifier(self.dropout(pooled))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

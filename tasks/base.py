@@ -195,8 +195,9 @@ class TaskModule(pl.LightningModule):
 
 
 class FinetuneModule(TaskModule):
-    """Sentence and sentence-pair tasks: pooled-[CLS] head, cross-entropy (labels) or MSE (no labels = one
-    regression score), and the task's metric set. One class for NLI, STS, topic and any such task."""
+    """Sentence and sentence-pair tasks: pooled-[CLS] (or mean-pooled, `pooling="mean"`) head, cross-entropy
+    (labels) or MSE (no labels = one regression score), and the task's metric set. One class for NLI, STS,
+    topic and any such task."""
 
     def __init__(
         self,
@@ -209,16 +210,18 @@ class FinetuneModule(TaskModule):
         init_from: str | None = None,
         max_seq_len: int = 128,
         label_keys: Sequence[str] | None = None,
+        pooling: str = "cls",
     ) -> None:
         label_keys = None if label_keys is None else [str(key) for key in label_keys]
         super().__init__(
             task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
-                         label_keys=label_keys)
+                         label_keys=label_keys, pooling=str(pooling))
         )  # fmt: skip
         self.task = str(task)
         self.labels = list(self.hparams.labels)
         num_labels = len(self.labels) or 1
-        self.model = BertForSequenceClassification(BertConfig(**dict(model_config)), num_labels, classifier_dropout)
+        self.model = BertForSequenceClassification(BertConfig(**dict(model_config)), num_labels, classifier_dropout,
+                                                   pooling=str(pooling))  # fmt: skip
         self.metrics = ClassificationMetrics(self.labels, label_keys) if self.labels else RegressionMetrics()
 
     @property

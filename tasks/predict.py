@@ -76,7 +76,8 @@ def load(ref: str, expected: str, tracking_uri: str | None = None) -> Loaded:
     else:
         from bert.heads import BertForSequenceClassification
 
-        model = BertForSequenceClassification(config, len(hparams["labels"]) or 1)
+        model = BertForSequenceClassification(config, len(hparams["labels"]) or 1,
+                                              pooling=str(hparams.get("pooling", "cls")))  # fmt: skip
     model.load_state_dict(state, strict=True)
     tokenizer = load_tokenizer(tokenizer_dir_of(path, hparams))
     return Loaded(kind, model.eval(), hparams, tokenizer, path)

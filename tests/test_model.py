@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bert.heads import BertForSequenceClassification
 from bert.model import (
     PRESETS,
     BertConfig,
@@ -117,6 +118,34 @@ def test_bert_model_shapes(config, batch):
     hidden, pooled = encoder(input_ids)  # token_type_ids and attention_mask optional
     assert hidden.shape == (3, 12, 32) and pooled is None
     assert not any(name.startswith("pooler") for name, _ in encoder.named_parameters())
+
+
+def test_mean_pooled_head_is_the_masked_mean_of_transformers_hidden_states(config, batch):
+    """`pooling="mean"`: the classifier reads the mean of transformers' last hidden state over the attention
+    mask (Sentence-BERT's pooling), has no pooler, and a row's logits do not depend on how much it is padded."""
+    input_ids, token_type_ids, attention_mask, _ = batch
+    torch.manual_seed(0)
+    ours = BertForSequenceClassification(config, num_labels=3, pooling="mean").eval()
+    assert ours.bert.pooler is None and not any("pooler" in name for name, _ in ours.named_parameters())
+    theirs = transformers.BertModel(transformers.BertConfig(**config.to_transformers_dict()), add_pooling_layer=False)
+    result = theirs.load_state_dict(ours.bert.state_dict(), strict=True)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    with torch.no_grad():
+        hidden = theirs.eval()(input_ids=input_ids, token_type_ids=token_type_ids,
+                               attention_mask=attention_mask).last_hidden_state  # fmt: skip
+        mean = torch.stack([hidden[i, : int(n)].mean(0) for i, n in enumerate(attention_mask.sum(1))])
+        reference = ours.classifier(mean)
+        logits = ours(input_ids, token_type_ids, attention_mask)
+        alone = ours(input_ids[2:, :5], token_type_ids[2:, :5], attention_mask[2:, :5])  # row 2 unpadded
+    assert (logits - reference).abs().max().item() <= TOL
+    assert (alone - logits[2:]).abs().max().item() <= TOL
+    with torch.no_grad():  # [CLS] pooling reads position 0 only: a different answer from the same encoder
+        cls = BertForSequenceClassification(config, num_labels=3, pooling="cls").eval()
+        cls.bert.load_state_dict(ours.bert.state_dict(), strict=False)
+        cls.classifier.load_state_dict(ours.classifier.state_dict())
+        assert (cls(input_ids, token_type_ids, attention_mask) - logits).abs().max().item() > TOL
+    with pytest.raises(ValueError, match="pooling must be one of"):
+        BertForSequenceClassification(config, num_labels=3, pooling="max")
 
 
 def test_pretraining_shapes(config, batch):

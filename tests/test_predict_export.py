@@ -13,6 +13,7 @@ import torch
 
 from bert import export
 from datamodules.klue_ner import LABELS as NER_LABELS
+from datamodules.sentence import SentenceEncoder
 from tasks import predict
 from tasks.base import FinetuneModule
 from tasks.ner import NerModule
@@ -176,6 +177,34 @@ def test_predict_ner_decodes_like_the_training_module(tiny, tmp_path):
     torch.save(ckpt, tmp_path / "free.ckpt")
     free = predict.load(str(tmp_path / "free.ckpt"), "ner")
     assert free.model.transitions_allowed.all() and free.model.start_allowed.all()
+
+
+def test_mean_pooled_head_predicts_and_is_not_exported(tiny, tmp_path):
+    """A `task.pooling=mean` checkpoint: predict rebuilds the head as it was trained (no pooler, mean over
+    tokens); export refuses it, since transformers' BertForSequenceClassification pools [CLS]."""
+    _, ckpts = tiny
+    saved = torch.load(ckpts["sts"], weights_only=True)
+    hparams = {**saved["hyper_parameters"], "pooling": "mean"}
+    torch.manual_seed(0)
+    module = FinetuneModule(**hparams)
+    with torch.no_grad():
+        module.model.classifier.bias.fill_(2.5)
+    assert not any(key.startswith("model.bert.pooler") for key in module.state_dict())
+    path = tmp_path / "sts-mean.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+
+    records = run_predict_plain(["sts", str(path), *[t for p in PAIRS for t in p]])
+    loaded = predict.load(path, "sts")
+    assert loaded.model.pooling == "mean"
+    encoder = SentenceEncoder(loaded.tokenizer, 128)
+    with torch.no_grad():  # one pair at a time, unpadded: predict's padded batch must give the same score
+        batches = [predict.pad(encoder.encode([pair])) for pair in PAIRS]
+        reference = [float(loaded.model(b["input_ids"], b["token_type_ids"], b["attention_mask"])) for b in batches]
+    assert [r["score"] for r in records] == pytest.approx(reference, abs=1e-5)
+    assert len({round(score, 4) for score in reference}) == 2
+    with pytest.raises(SystemExit, match="mean-pooled head has no transformers equivalent"):
+        export.main([str(path), str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
 
 
 def test_clear_errors(tiny, tmp_path, capsys):

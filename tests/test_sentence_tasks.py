@@ -66,6 +66,20 @@ def test_fdr_run_is_tracked(task, tiny, tmp_path):
     assert ("model.bert.pooler.dense.weight" in saved["state_dict"]) == (task != "ner")  # NER: no pooler (DDP)
 
 
+def test_mean_pooling_runs_from_a_pretraining_checkpoint(tiny, tmp_path):
+    """`task.pooling=mean` composes, loads the pretrained encoder without its pooler, and says so in hparams."""
+    _, ckpt = tiny
+    run_finetune_inprocess(tmp_path, ["task=sts", "debug=fdr", f"pretrained={ckpt}", "task.pooling=mean"])
+    _, (run,) = runs(tmp_path, "finetune-sts")
+    assert run.info.status == "FINISHED" and "test/pearson" in run.data.metrics
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    saved = torch.load(artifacts / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["pooling"] == "mean"
+    assert not any(key.startswith("model.bert.pooler") for key in saved["state_dict"])
+    pretrained = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    assert "model.bert.pooler.dense.weight" in pretrained  # dropped on load, not missing
+
+
 def test_scratch_and_resume_continue_the_same_run(tiny, tmp_path):
     _, ckpt = tiny
     run_finetune_inprocess(tmp_path, ["task=nli", "debug=fdr", "pretrained=null", f"scratch_like={ckpt}"])
