@@ -36,7 +36,8 @@ def masked_mean(sequence: torch.Tensor, attention_mask: torch.Tensor | None) -> 
 
 
 class BertForSequenceClassification(nn.Module):
-    """Sentence and sentence-pair tasks (NLI, STS, topic): one vector per input from the pooler."""
+    """Sentence and sentence-pair tasks (NLI, STS, topic): one vector per input, from the pooler (`cls`) or the
+    masked mean of the last layer (`mean`, no pooler)."""
 
     def __init__(
         self, config: BertConfig, num_labels: int, classifier_dropout: float | None = None, pooling: str = "cls"
