@@ -3,11 +3,24 @@ in-memory datasets built in `setup()`. A task's module sets `collate_fn` and fil
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
+
+
+def ignore_ctrl_c(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`. Ctrl-C in a terminal signals the whole process group; a worker that takes
+    the KeyboardInterrupt stops serving, and the trainer then fails on a lost worker instead of stopping as
+    interrupted with its final checkpoint. The main process alone handles it and shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if int(os.environ.get("PL_SEED_WORKERS", 0)):  # Lightning seeds workers only of loaders without an init fn
+        from lightning_fabric.utilities.seed import pl_worker_init_function
+
+        pl_worker_init_function(worker_id)
 
 
 class TaskDataModule(pl.LightningDataModule):
@@ -43,6 +56,7 @@ class TaskDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn,
+            worker_init_fn=ignore_ctrl_c,
         )
 
     def train_dataloader(self) -> DataLoader:

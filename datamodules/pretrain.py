@@ -37,6 +37,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from datamodules.base import ignore_ctrl_c
 from datamodules.corpora import (
     SentenceCorpus,
     cache_entry_ok,
@@ -833,6 +834,7 @@ class PretrainDataModule(pl.LightningDataModule):
             "persistent_workers": self.persistent_workers,
             "pin_memory": self.pin_memory,
             "collate_fn": PretrainCollator(pad_id=0),
+            "worker_init_fn": ignore_ctrl_c,
         }
 
     def train_dataloader(self) -> DataLoader:

@@ -68,3 +68,56 @@ def test_mid_epoch_resume_replays_nothing(tmp_path, mirror):
             f"workers={workers}: the resumed stream differs from the uninterrupted one"
         )
         assert len({h for _, h in straight}) == 25  # new masks/order every epoch: no batch repeats
+
+
+def test_loader_workers_leave_ctrl_c_to_the_trainer(tmp_path, mirror):
+    """Ctrl-C in a terminal signals the whole process group. A worker that takes the KeyboardInterrupt stops
+    serving (or dies), and the trainer then fails on a lost worker instead of stopping as interrupted with its
+    final checkpoint (seen on a 60-minute run: 'Stopped: error', no last.ckpt). Workers must ignore SIGINT."""
+    import signal
+    import time
+
+    os.environ["BERT_DATA_MIRROR"] = str(mirror)
+    dm = _datamodule(tmp_path / "cache", 1)
+    dm.setup("fit")
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        batches = iter(loader)
+        next(batches)
+        (worker,) = batches._workers
+        os.kill(worker.pid, signal.SIGINT)
+        time.sleep(1.0)
+        assert worker.is_alive() and next(batches)["input_ids"].shape[0] > 0
+        del batches
+
+
+class _Draws(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        import random
+
+        import numpy as np
+
+        return torch.tensor([torch.randint(0, 2**30, ()).item(), random.getrandbits(30), np.random.randint(2**30)])
+
+
+def test_the_ctrl_c_init_keeps_lightnings_worker_seeding(monkeypatch):
+    """Lightning seeds workers (seed_everything(workers=True)) only in loaders without a worker_init_fn of their
+    own, so ours must do it too: same draws in the workers as under Lightning's own init."""
+    from functools import partial
+
+    from lightning_fabric.utilities.seed import pl_worker_init_function
+
+    from datamodules.base import ignore_ctrl_c
+
+    monkeypatch.setenv("PL_SEED_WORKERS", "1")
+
+    def draws(init):
+        torch.manual_seed(7)
+        loader = torch.utils.data.DataLoader(_Draws(), batch_size=4, num_workers=1, worker_init_fn=init)
+        return next(iter(loader))
+
+    ours, lightnings = draws(ignore_ctrl_c), draws(partial(pl_worker_init_function, rank=0))
+    assert torch.equal(ours, lightnings)
+    assert not torch.equal(ours, draws(None))  # the test can tell seeded from unseeded workers
