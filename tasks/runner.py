@@ -221,6 +221,10 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
     budgets = budget_callback(cfg, ckpt_dir)
     if budgets is not None:
         callbacks.append(budgets)
+    if "expected_steps" in cfg:  # pretraining (conf/pretrain.yaml names the key): the pace check
+        from tasks.pace import StepPace
+
+        callbacks.append(StepPace(cfg.get("expected_steps"), cfg.trainer.get("max_time")))
     return callbacks
 
 
@@ -549,6 +553,7 @@ class RunRecordCallback(pl.Callback):
             best_ckpt=best_path,
             last_ckpt=str(last_path) if last_path is not None and last_path.is_file() else None,
             limits={"max_steps": trainer.max_steps, "max_time": self.cfg.trainer.get("max_time")},
+            notes=[line for cb in trainer.callbacks if (line := _summary_line(cb, trainer))],
         )
         if logger is None:
             return
@@ -570,6 +575,11 @@ class RunRecordCallback(pl.Callback):
         )
         if png is not None:
             logger.experiment.log_artifact(logger.run_id, str(png), "plots")
+
+
+def _summary_line(callback: pl.Callback, trainer: pl.Trainer) -> str | None:
+    line = getattr(callback, "summary_line", None)
+    return line(trainer) if callable(line) else None
 
 
 def run_choices() -> dict[str, str]:

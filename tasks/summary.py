@@ -29,6 +29,7 @@ class RunSummary:
     best_ckpt: str | None = None
     last_ckpt: str | None = None
     limits: dict[str, object] = field(default_factory=dict)  # max_steps / max_time as configured
+    notes: list[str] = field(default_factory=list)  # e.g. tasks.pace: the steps a minute, against the recipe's
 
     def ui_commands(self) -> list[str]:
         """How to look at the run: the local UI command (or the remote server) and the run's URL."""
@@ -77,6 +78,7 @@ class RunSummary:
                 lines.append(f"Best {self.monitor}: not measured (no validation ran)")
             else:
                 lines.append(f"Best {self.monitor}: {self.best_value:.4f} at step {self.best_step:,}")
+        lines.extend(self.notes)
         if self.best_ckpt:
             lines.append(f"Best checkpoint: {self.best_ckpt}")
         if self.last_ckpt:

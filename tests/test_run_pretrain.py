@@ -70,6 +70,7 @@ def fdr_run(tmp_path_factory, cache_dir):
 def test_fdr_run_is_tracked_in_mlflow(fdr_run):
     workdir, proc = fdr_run
     assert "trainable parameters:" in proc.stdout
+    assert "Pace: 3 steps in " in proc.stdout  # tasks.pace's line in the end-of-run summary
     (run,) = runs_of(workdir)
     client = client_for(workdir)
     assert run.info.status == "FINISHED"

@@ -1,0 +1,150 @@
+"""The pace check: how many steps will this run make, and is that what its recipe was measured at?
+
+A time-limited recipe (`experiment=cpu_60min`) buys as many steps as the machine gives it in the time
+limit: 6.9-8.3k on the machines its downstream gains were measured on, 2.4k on one 2.4 x slower (README,
+"Too few steps"), where the same preset leaves a checkpoint that loses to scratch on the pair tasks. A user
+should learn that minutes into the run, not after an hour of pretraining and another of fine-tuning. So a
+few minutes in, this projects the run's steps (or, for a step-limited run, its duration), logs it, tags the
+MLflow run with it, warns when a time-limited run will fall short of the recipe's `expected_steps` (with the
+step-keyed command that reproduces the recipe instead), and says the outcome in the end-of-run summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Timer
+from pytorch_lightning.loggers import MLFlowLogger
+
+from tasks import tracking
+
+log = logging.getLogger(__name__)
+
+CHECK_AFTER_S = 120.0  # long enough for a steady rate (the first batches include warm-up work)
+CHECK_SHARE = 0.05  # ... or this share of the time limit, whichever is later
+
+
+def minutes(seconds: float) -> str:
+    """'3 h 20 min' / '12 min' / '40 s': durations as a user plans with them."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    total = round(seconds / 60)
+    return f"{total // 60} h {total % 60} min" if total >= 60 else f"{total} min"
+
+
+@dataclass(frozen=True)
+class Projection:
+    steps_per_min: float
+    projected_steps: int | None  # by the time limit (time-limited runs)
+    remaining_s: float | None  # until max_steps (step-limited runs)
+
+
+def project(step: int, rate_per_s: float, time_left_s: float | None, max_steps: int | None) -> Projection:
+    """Steps by the time limit, or time until max_steps, from the rate measured so far: whichever binds."""
+    rate = max(rate_per_s, 1e-12)
+    steps_left = max_steps - step if max_steps is not None and max_steps > 0 else None
+    if time_left_s is not None and (steps_left is None or rate * time_left_s < steps_left):
+        return Projection(rate * 60.0, step + int(rate * time_left_s), None)
+    return Projection(rate * 60.0, None, steps_left / rate if steps_left is not None else None)
+
+
+def shortfall_advice(projection: Projection, expected_steps: int, max_time: Any) -> str | None:
+    """The warning for a time-limited run that will end short of the steps its recipe was measured at."""
+    if projection.projected_steps is None or projection.projected_steps >= expected_steps:
+        return None
+    needed = expected_steps / (projection.steps_per_min / 60.0)
+    return (
+        f"this machine makes {projection.steps_per_min:.0f} steps a minute: about "
+        f"{projection.projected_steps:,} steps by trainer.max_time={max_time}, fewer than the {expected_steps:,} "
+        "this recipe's downstream gains were measured at (README, 'Too few steps': checkpoints with far fewer "
+        "steps lost to scratch on NLI and STS). To reproduce the recipe by steps instead, run it with "
+        f"trainer.max_steps={expected_steps} trainer.max_time=null optim.time_keyed=false "
+        f"(about {minutes(needed)} here)"
+    )
+
+
+class StepPace(pl.Callback):
+    """Measures steps per second of training in this process and reports the projection once (see module)."""
+
+    def __init__(self, expected_steps: int | None = None, max_time: Any = None) -> None:
+        self.expected_steps = int(expected_steps) if expected_steps else None
+        self.max_time = max_time
+        self.projection: Projection | None = None
+        self.warning: str | None = None
+        self._start: tuple[int, float] | None = None
+        self._fit_start_step = 0
+        self._fit_start_s: float | None = None
+
+    @staticmethod
+    def _time_left(trainer: pl.Trainer) -> tuple[float | None, float | None]:
+        """(elapsed, remaining) seconds of the trainer's time limit, or (None, None) without one."""
+        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
+        remaining = timer.time_remaining("train") if timer is not None else None
+        if remaining is None:
+            return None, None
+        return timer.time_elapsed("train"), remaining
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start, self.projection, self.warning = None, None, None
+        self._fit_start_step, self._fit_start_s = int(trainer.global_step), time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        now, step = time.monotonic(), int(trainer.global_step)
+        if self._start is None:  # the rate starts after the first batch (data workers, allocator warm-up)
+            self._start = (step, now)
+            return
+        if self.projection is not None:
+            return
+        elapsed, remaining = self._time_left(trainer)
+        wait = CHECK_AFTER_S
+        if elapsed is not None and remaining is not None:
+            wait = max(wait, CHECK_SHARE * (elapsed + remaining))
+        start_step, start_s = self._start
+        if now - start_s < wait or step <= start_step:
+            return
+        max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
+        self.projection = project(step, (step - start_step) / (now - start_s), remaining, max_steps)
+        self._report(trainer)
+
+    def _report(self, trainer: pl.Trainer) -> None:
+        p = self.projection
+        if p is None or not trainer.is_global_zero:  # one report per run, not one per DDP process
+            return
+        if p.projected_steps is not None:
+            log.info("pace: %.0f steps a minute, about %s steps by trainer.max_time=%s", p.steps_per_min,
+                     f"{p.projected_steps:,}", self.max_time)  # fmt: skip
+        elif p.remaining_s is not None:
+            log.info("pace: %.0f steps a minute, step %s of %s, about %s to go", p.steps_per_min,
+                     f"{trainer.global_step:,}", f"{trainer.max_steps:,}", minutes(p.remaining_s))  # fmt: skip
+        if self.expected_steps is not None:
+            self.warning = shortfall_advice(p, self.expected_steps, self.max_time)
+            if self.warning:
+                log.warning("pace: %s", self.warning)
+        if isinstance(trainer.logger, MLFlowLogger):
+            tags: dict[str, Any] = {"pace_steps_per_min": f"{p.steps_per_min:.1f}"}
+            if p.projected_steps is not None:
+                tags["projected_steps"] = p.projected_steps
+            tracking.set_tags(trainer.logger, tags)
+
+    def summary_line(self, trainer: pl.Trainer) -> str | None:
+        """For the end-of-run summary: the pace this run had, and whether it reached the recipe's steps."""
+        if self._fit_start_s is None:
+            return None
+        made = int(trainer.global_step) - self._fit_start_step
+        seconds = time.monotonic() - self._fit_start_s
+        if made <= 0 or seconds <= 0:
+            return None
+        line = f"Pace: {made:,} steps in {minutes(seconds)} ({60.0 * made / seconds:.0f} a minute)"
+        if self.expected_steps is not None:
+            if trainer.global_step < self.expected_steps:
+                line += (
+                    f"; the recipe was measured at {self.expected_steps:,} steps: expect smaller downstream "
+                    "gains (README, 'Too few steps')"
+                )
+            else:
+                line += f"; at least the {self.expected_steps:,} steps the recipe was measured at"
+        return line
