@@ -143,6 +143,19 @@ def check_checkpoint_vocab(path: Path | None, vocab_size: int) -> None:
         )
 
 
+class RunLogger(MLFlowLogger):
+    """Lightning ends every run an exception stopped as FAILED. A run the user stopped (Ctrl+C, SIGTERM) is
+    KILLED in MLflow's terms, so that the UI tells it from a crash; FinalCheckpoint has tagged `stop_reason`
+    by then (on_exception runs before the loggers are finalized)."""
+
+    def finalize(self, status: str = "success") -> None:
+        if status == "failed" and self._initialized:
+            reason = self.experiment.get_run(self.run_id).data.tags.get("stop_reason")
+            if reason in ("interrupted", "sigterm"):
+                status = "KILLED"
+        super().finalize(status)
+
+
 def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLogger | None:
     if cfg.get("logger") is None:
         return None
@@ -169,7 +182,7 @@ def build_logger(cfg: DictConfig, run_id: str | None, run_name: str) -> MLFlowLo
     tags = {str(k): str(v) for k, v in (cfg.logger.get("tags") or {}).items()}
     if cfg.logger.get("parent_run_id"):  # nested under a study's parent run (tasks/study.py)
         tags["mlflow.parentRunId"] = str(cfg.logger.parent_run_id)
-    logger = MLFlowLogger(
+    logger = RunLogger(
         experiment_name=cfg.logger.experiment_name,
         run_name=cfg.logger.get("run_name") or run_name,
         tracking_uri=cfg.logger.tracking_uri,

@@ -385,6 +385,7 @@ def test_stop_saves_the_last_step_and_resume_continues_it(cache_dir, tmp_path, s
     ckpt_step = torch.load(tags["last_ckpt"], map_location="cpu", weights_only=True)["global_step"]
     assert ckpt_step == logged[-1] + 1 < cap  # the step after the last logged one: nothing lost
     assert tags["stop_reason"] == stop and int(tags["final_step"]) == ckpt_step
+    assert run.info.status == ("KILLED" if stop == "sigterm" else "FINISHED")  # stopped by the user, not crashed
 
     resumed = run_cli("run.py", [*args, "ckpt_path=last", "trainer.max_steps=" + str(ckpt_step + 5)], tmp_path,
                       cache_dir)  # fmt: skip
