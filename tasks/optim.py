@@ -132,17 +132,23 @@ class BudgetSchedule(torch.optim.lr_scheduler.LRScheduler):
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "clock")}
 
 
-def trainer_clock(trainer: Any) -> Callable[[], tuple[float, float] | None]:
-    """(elapsed, budget) seconds of training from the trainer's Timer (there is one when max_time is set)."""
+def time_left(trainer: Any) -> tuple[float, float] | None:
+    """(elapsed, remaining) seconds of training from the trainer's Timer (there is one when max_time is set)."""
     from pytorch_lightning.callbacks import Timer
 
     timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-    if timer is None or timer.time_remaining("train") is None:
+    remaining = timer.time_remaining("train") if timer is not None else None
+    return None if remaining is None else (timer.time_elapsed("train"), remaining)
+
+
+def trainer_clock(trainer: Any) -> Callable[[], tuple[float, float] | None]:
+    """(elapsed, budget) seconds of training, for BudgetSchedule."""
+    if time_left(trainer) is None:
         raise ValueError("optim.time_keyed=true decays the lr to its floor at trainer.max_time: set trainer.max_time")
 
     def clock() -> tuple[float, float] | None:
-        elapsed, remaining = timer.time_elapsed("train"), timer.time_remaining("train")
-        return None if remaining is None else (elapsed, elapsed + remaining)
+        timing = time_left(trainer)
+        return None if timing is None else (timing[0], timing[0] + timing[1])
 
     return clock
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Timer
 from pytorch_lightning.loggers import MLFlowLogger
 
 from tasks import tracking
+from tasks.optim import time_left
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +79,6 @@ class StepPace(pl.Callback):
         self._fit_start_step = 0
         self._fit_start_s: float | None = None
 
-    @staticmethod
-    def _time_left(trainer: pl.Trainer) -> tuple[float | None, float | None]:
-        """(elapsed, remaining) seconds of the trainer's time limit, or (None, None) without one."""
-        timer = next((cb for cb in trainer.callbacks if isinstance(cb, Timer)), None)
-        remaining = timer.time_remaining("train") if timer is not None else None
-        if remaining is None:
-            return None, None
-        return timer.time_elapsed("train"), remaining
-
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start, self.projection, self.warning = None, None, None
         self._fit_start_step, self._fit_start_s = int(trainer.global_step), time.monotonic()
@@ -99,10 +90,9 @@ class StepPace(pl.Callback):
             return
         if self.projection is not None:
             return
-        elapsed, remaining = self._time_left(trainer)
-        wait = CHECK_AFTER_S
-        if elapsed is not None and remaining is not None:
-            wait = max(wait, CHECK_SHARE * (elapsed + remaining))
+        timing = time_left(trainer)
+        remaining = timing[1] if timing is not None else None
+        wait = CHECK_AFTER_S if timing is None else max(CHECK_AFTER_S, CHECK_SHARE * sum(timing))
         start_step, start_s = self._start
         if now - start_s < wait or step <= start_step:
             return
