@@ -7,6 +7,11 @@ should learn that minutes into the run, not after an hour of pretraining and ano
 few minutes in, this projects the run's steps (or, for a step-limited run, its duration), logs it, tags the
 MLflow run with it, warns when a time-limited run will fall short of the recipe's `expected_steps` (with the
 step-keyed command that reproduces the recipe instead), and says the outcome in the end-of-run summary.
+
+The first projection sees only the first minutes. A machine can slow down later (another job starts, the
+validation pauses add up), so the projection is measured again every 10 minutes (or 10 % of the time limit),
+over the whole run so far, validation pauses included: the log and the tags follow when it moves by more
+than 5 %, and a run that falls short of its recipe later is warned then.
 """
 
 from __future__ import annotations
@@ -26,6 +31,9 @@ log = logging.getLogger(__name__)
 
 CHECK_AFTER_S = 120.0  # long enough for a steady rate (the first batches include warm-up work)
 CHECK_SHARE = 0.05  # ... or this share of the time limit, whichever is later
+RECHECK_AFTER_S = 600.0  # then again every 10 minutes ...
+RECHECK_SHARE = 0.1  # ... or this share of the time limit, whichever is later
+REPORT_CHANGE = 0.05  # a re-check is logged when the pace moved by more than this fraction
 
 
 def minutes(seconds: float) -> str:
@@ -68,19 +76,22 @@ def shortfall_advice(projection: Projection, expected_steps: int, max_time: Any)
 
 
 class StepPace(pl.Callback):
-    """Measures steps per second of training in this process and reports the projection once (see module)."""
+    """Measures steps per second of training in this process and reports the projection (see module)."""
 
     def __init__(self, expected_steps: int | None = None, max_time: Any = None) -> None:
         self.expected_steps = int(expected_steps) if expected_steps else None
         self.max_time = max_time
         self.projection: Projection | None = None
         self.warning: str | None = None
+        self.checks = 0
+        self._reported: Projection | None = None
         self._start: tuple[int, float] | None = None
+        self._checked_s = 0.0
         self._fit_start_step = 0
         self._fit_start_s: float | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._start, self.projection, self.warning = None, None, None
+        self._start, self.projection, self._reported, self.warning, self.checks = None, None, None, None, 0
         self._fit_start_step, self._fit_start_s = int(trainer.global_step), time.monotonic()
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
@@ -88,29 +99,37 @@ class StepPace(pl.Callback):
         if self._start is None:  # the rate starts after the first batch (data workers, allocator warm-up)
             self._start = (step, now)
             return
-        if self.projection is not None:
-            return
         timing = time_left(trainer)
-        remaining = timing[1] if timing is not None else None
-        wait = CHECK_AFTER_S if timing is None else max(CHECK_AFTER_S, CHECK_SHARE * sum(timing))
+        budget = sum(timing) if timing is not None else 0.0
         start_step, start_s = self._start
-        if now - start_s < wait or step <= start_step:
+        if self.projection is None:
+            due = now - start_s >= max(CHECK_AFTER_S, CHECK_SHARE * budget)
+        else:
+            due = now - self._checked_s >= max(RECHECK_AFTER_S, RECHECK_SHARE * budget)
+        if not due or step <= start_step:
             return
+        self._checked_s, self.checks = now, self.checks + 1
         max_steps = trainer.max_steps if trainer.max_steps is not None and trainer.max_steps > 0 else None
+        remaining = timing[1] if timing is not None else None
+        # the rate over the whole run so far: later checks count the validation pauses between them
         self.projection = project(step, (step - start_step) / (now - start_s), remaining, max_steps)
         self._report(trainer)
 
     def _report(self, trainer: pl.Trainer) -> None:
-        p = self.projection
+        p, last = self.projection, self._reported
         if p is None or not trainer.is_global_zero:  # one report per run, not one per DDP process
             return
+        if last is not None and abs(p.steps_per_min / last.steps_per_min - 1.0) <= REPORT_CHANGE:
+            return  # a steady pace: said already
+        was = f" (was {last.steps_per_min:.0f})" if last is not None else ""
         if p.projected_steps is not None:
-            log.info("pace: %.0f steps a minute, about %s steps by trainer.max_time=%s", p.steps_per_min,
+            log.info("pace: %.0f steps a minute%s, about %s steps by trainer.max_time=%s", p.steps_per_min, was,
                      f"{p.projected_steps:,}", self.max_time)  # fmt: skip
         elif p.remaining_s is not None:
-            log.info("pace: %.0f steps a minute, step %s of %s, about %s to go", p.steps_per_min,
+            log.info("pace: %.0f steps a minute%s, step %s of %s, about %s to go", p.steps_per_min, was,
                      f"{trainer.global_step:,}", f"{trainer.max_steps:,}", minutes(p.remaining_s))  # fmt: skip
-        if self.expected_steps is not None:
+        self._reported = p
+        if self.expected_steps is not None and self.warning is None:  # warned once: not again every re-check
             self.warning = shortfall_advice(p, self.expected_steps, self.max_time)
             if self.warning:
                 log.warning("pace: %s", self.warning)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -107,3 +108,32 @@ def test_a_run_that_reaches_its_steps_is_not_warned(tmp_path, caplog, check_at_o
     assert any("step" in r.getMessage() and "to go" in r.getMessage() for r in caplog.records)
     assert "projected_steps" not in trainer.logger.experiment.get_run(trainer.logger.run_id).data.tags
     assert cb.summary_line(trainer).endswith("at least the 5 steps the recipe was measured at")
+
+
+class _SlowsDown(_Tiny):
+    """Fast for its first steps, then 50 ms a step: another job took the cores."""
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step >= 20:
+            time.sleep(0.05)
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_run_that_slows_down_later_is_re_projected_and_warned_then(tmp_path, caplog, check_at_once, monkeypatch):
+    monkeypatch.setattr(pace, "RECHECK_AFTER_S", 0.3)
+    monkeypatch.setattr(pace, "RECHECK_SHARE", 0.0)
+    # fast steps (~1 ms) project far more than 100 steps in 2 s; at 50 ms a step the run makes ~50
+    cb = StepPace(expected_steps=100, max_time="00:00:00:02")
+    logger = MLFlowLogger(experiment_name="pace", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    trainer = pl.Trainer(logger=logger, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=-1, max_time="00:00:00:02")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="tasks.pace"):
+        trainer.fit(_SlowsDown())
+    infos = [r.getMessage() for r in caplog.records if r.name == "tasks.pace" and r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tasks.pace" and r.levelno == logging.WARNING]
+    first_steps = int(infos[0].split("about ")[1].split(" steps")[0].replace(",", ""))
+    assert first_steps >= 100 and trainer.global_step < 100  # the first check could not have known
+    assert cb.checks > 1 and any("(was " in m for m in infos[1:])  # re-projected, the change said
+    assert len(warnings) == 1 and "fewer than the 100" in warnings[0]  # warned once, when it fell short
+    tags = trainer.logger.experiment.get_run(trainer.logger.run_id).data.tags
+    assert int(tags["projected_steps"]) == cb.projection.projected_steps < 100  # the tag follows
