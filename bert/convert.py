@@ -246,7 +246,7 @@ def tokenizer_from_vocab_txt(vocab_txt: Path, settings: dict[str, Any]):
     lowercase = bool(settings.get("do_lower_case", True))
     strip_accents = settings.get("strip_accents")
     if lowercase or strip_accents:
-        # PITFALLS: accent stripping is NFD, which splits Hangul syllables into jamo. transformers does the same
+        # Accent stripping is NFD, which splits Hangul syllables into jamo. transformers does the same
         # with these settings, so the model was trained that way; say so, since it is rarely intended.
         log.warning(
             "%s: do_lower_case=%s strip_accents=%s decompose Hangul syllables into jamo (NFD), as transformers "

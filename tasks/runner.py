@@ -766,7 +766,7 @@ def continued_model_config(cfg: DictConfig, encoder: Encoder) -> dict[str, Any]:
 def test_on_one_device(
     cfg: DictConfig, trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, logger: Any
 ) -> None:
-    """Test metrics on one device: DistributedSampler pads the set by repeating samples (PITFALLS)."""
+    """Test metrics on one device: DistributedSampler pads the set by repeating samples."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     ckpt = best if best and Path(best).is_file() else None
     if trainer.world_size == 1:

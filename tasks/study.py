@@ -11,7 +11,7 @@ BERT as a named row. Each arm is fine-tuned on each task with the task's standar
 + conf/finetune.yaml + `extra_args`) at every learning rate in `lrs` and every seed; per arm and task, the
 learning rate with the best mean validation monitor over seeds is chosen, and its test metric is reported as
 mean ± sample std over seeds. A researcher would choose the learning rate the same way for each arm, so a
-pretrained checkpoint and a random init are each compared at their own best one (PITFALLS: they differ).
+pretrained checkpoint and a random init are each compared at their own best one: they differ.
 
 Every fine-tuning run is a plain `python run_finetune.py task=... pretrained=... seed=... optim.lr=...`
 subprocess, nested in MLflow under one parent run of experiment `study` (tag `mlflow.parentRunId`), and tagged
