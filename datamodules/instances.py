@@ -181,6 +181,9 @@ class MaskingConfig:
     mask_token_prob: float = 0.8  # of the selected tokens: 80% [MASK], 10% random, 10% unchanged (same)
     random_token_prob: float = 0.1
     whole_word_mask: bool = False
+    span_mask: bool = False  # SpanBERT: runs of whole words, lengths ~ Geo(span_p) clipped at span_max_words
+    span_p: float = 0.2  # SpanBERT's p: mean span length 3.8 words with the clip at 10
+    span_max_words: int = 10
     pad_id: int = 0
     cls_id: int = 2
     sep_id: int = 3
@@ -196,6 +199,12 @@ class MaskingConfig:
             or (self.mask_token_prob + self.random_token_prob > 1)
         ):
             raise ValueError("mask_token_prob + random_token_prob must be within [0, 1]")
+        if self.span_mask and self.whole_word_mask:
+            raise ValueError("span_mask already masks whole words: set whole_word_mask=false")
+        if self.span_mask and not (0 < self.span_p <= 1 and self.span_max_words >= 1):
+            raise ValueError(
+                f"span_p must be in (0, 1], span_max_words >= 1: {self.span_p}, {self.span_max_words}"
+            )
         if self.vocab_size <= self.first_regular_id:
             raise ValueError(f"vocab_size {self.vocab_size} holds no regular token")
 
@@ -250,6 +259,75 @@ def _choose_whole_words(
     return np.sort(np.concatenate(chosen))
 
 
+def span_length_probs(p: float, max_words: int) -> np.ndarray:
+    """P(length = 1..max_words): a geometric distribution clipped and renormalised, as SpanBERT draws it."""
+    probs = p * (1.0 - p) ** np.arange(max_words)
+    return probs / probs.sum()
+
+
+def _word_table(ids: np.ndarray, candidates: np.ndarray, is_continuation: np.ndarray | None) -> np.ndarray:
+    """Candidate index where each word starts, plus len(candidates) at the end. A `##` piece continues the word
+    of the piece right before it; a gap (a [SEP] between A and B) always starts a new word."""
+    starts = np.ones(len(candidates), dtype=bool)
+    adjacent = candidates[1:] == candidates[:-1] + 1
+    if is_continuation is not None:
+        starts[1:] = ~(is_continuation[ids[candidates[1:]]] & adjacent)
+    return np.append(np.flatnonzero(starts), len(candidates))
+
+
+def choose_spans(
+    ids: np.ndarray,
+    candidates: np.ndarray,
+    n_predict: int,
+    config: MaskingConfig,
+    rng: np.random.Generator,
+    is_continuation: np.ndarray | None = None,
+) -> list[tuple[int, int]]:
+    """SpanBERT's span masking (Joshi et al. 2020, section 3.1; its `PairWithSpanMaskingScheme`), as drawn spans.
+
+    Until `n_predict` positions are chosen: draw a length in words from `span_length_probs`, an anchor
+    uniformly among the candidates not chosen yet, and take the words from the anchor's word on, whole, within
+    one segment (a span never crosses the [SEP] between A and B). The last span stops at the budget, even
+    inside a word, so every example has exactly `n_predict` targets, as in SpanBERT's code. Returns the drawn
+    spans as (first, last) candidate indices, overlaps and all: `mask_tokens` merges them.
+    """
+    bounds = _word_table(ids, candidates, is_continuation)
+    word_of = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
+    gaps = np.append(np.flatnonzero(candidates[1:] != candidates[:-1] + 1) + 1, len(candidates))
+    segment_end = np.repeat(gaps, np.diff(np.insert(gaps, 0, 0)))  # first candidate index past the segment
+    lengths = np.arange(1, config.span_max_words + 1)
+    probs = span_length_probs(config.span_p, config.span_max_words)
+    chosen = np.zeros(len(candidates), dtype=bool)
+    total, spans = 0, []
+    while total < n_predict:
+        length = int(rng.choice(lengths, p=probs))
+        anchor = int(rng.integers(len(candidates)))
+        if chosen[anchor]:
+            continue
+        first = int(bounds[word_of[anchor]])
+        stop = min(int(bounds[min(word_of[anchor] + length, len(bounds) - 1)]), int(segment_end[anchor]))
+        last = first
+        for index in range(first, stop):
+            if total >= n_predict:
+                break
+            total += int(not chosen[index])
+            chosen[index] = True
+            last = index
+        spans.append((first, last))
+    return spans
+
+
+def _merged(spans: list[tuple[int, int]], candidates: np.ndarray) -> list[np.ndarray]:
+    """Positions of the drawn spans, overlapping or adjacent ones merged (SpanBERT's `merge_intervals`)."""
+    merged: list[list[int]] = []
+    for first, last in sorted(spans):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
+        else:
+            merged.append([first, last])
+    return [candidates[first : last + 1] for first, last in merged]
+
+
 def mask_tokens(
     ids: np.ndarray,
     candidates: np.ndarray,
@@ -268,6 +346,8 @@ def mask_tokens(
     if len(candidates) == 0:
         return inputs, labels
     n_predict = max(1, int(round(len(candidates) * config.mlm_probability)))
+    if config.span_mask:
+        return _mask_spans(ids, candidates, n_predict, config, rng, is_continuation)
     if config.whole_word_mask and is_continuation is not None:
         targets = _choose_whole_words(ids, candidates, n_predict, is_continuation, rng)
     else:
@@ -280,6 +360,29 @@ def mask_tokens(
     ]
     inputs[masked] = config.mask_id
     inputs[randomized] = rng.integers(config.first_regular_id, config.vocab_size, size=len(randomized))
+    return inputs, labels
+
+
+def _mask_spans(
+    ids: np.ndarray,
+    candidates: np.ndarray,
+    n_predict: int,
+    config: MaskingConfig,
+    rng: np.random.Generator,
+    is_continuation: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Span masking's corruption: one draw per merged span, so a span is all [MASK], all random tokens or all
+    unchanged (SpanBERT's span-level replacement, 80/10/10 as in BERT); labels at every span position."""
+    inputs = ids.copy()
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    spans = choose_spans(ids, candidates, n_predict, config, rng, is_continuation)
+    for positions in _merged(spans, candidates):
+        labels[positions] = ids[positions]
+        draw = rng.random()
+        if draw < config.mask_token_prob:
+            inputs[positions] = config.mask_id
+        elif draw < config.mask_token_prob + config.random_token_prob:
+            inputs[positions] = rng.integers(config.first_regular_id, config.vocab_size, size=len(positions))
     return inputs, labels
 
 

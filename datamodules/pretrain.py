@@ -494,6 +494,9 @@ class PretrainDataModule(pl.LightningDataModule):
         mask_token_prob: float = 0.8,
         random_token_prob: float = 0.1,
         whole_word_mask: bool = False,
+        span_mask: bool = False,
+        span_p: float = 0.2,
+        span_max_words: int = 10,
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_workers: int = 1,
@@ -521,6 +524,8 @@ class PretrainDataModule(pl.LightningDataModule):
                 raise ValueError(f"{spec['name']}: split must be one of {SPLITS}, got {spec['split']!r}")
         if not any(spec["split"] == "train" for spec in self.files):
             raise ValueError("data.files holds no train file")
+        if whole_word_mask and span_mask:  # before hours of preparation, not after
+            raise ValueError("data.span_mask already masks whole words: set data.whole_word_mask=false")
         if format not in DEFAULT_SPLITTER:
             raise ValueError(f"unknown corpus format {format!r}; choose one of {tuple(DEFAULT_SPLITTER)}")
         self.format = format
@@ -539,6 +544,9 @@ class PretrainDataModule(pl.LightningDataModule):
             mask_token_prob=mask_token_prob,
             random_token_prob=random_token_prob,
             whole_word_mask=whole_word_mask,
+            span_mask=span_mask,
+            span_p=span_p,
+            span_max_words=span_max_words,
         )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -743,7 +751,8 @@ class PretrainDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         prepared = self._prepare()
         masking = self._masking_config()
-        is_continuation = self._continuation_table() if self.masking_args["whole_word_mask"] else None
+        words = self.masking_args["whole_word_mask"] or self.masking_args["span_mask"]
+        is_continuation = self._continuation_table() if words else None
         for split, (plan_path, plan_meta) in prepared["plans"].items():
             if split not in self.datasets:
                 self.datasets[split] = PretrainingDataset(

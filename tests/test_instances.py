@@ -11,13 +11,15 @@ from datamodules.instances import (
     MaskingConfig,
     NotEnoughDocumentsError,
     build_example,
+    choose_spans,
     mask_tokens,
     nsp_labels,
     plan_instances,
+    span_length_probs,
     truncate_pair,
     truncated_lengths,
 )
-from datamodules.pretrain import EpochSampler, PretrainingDataset, build_plan, load_tokens
+from datamodules.pretrain import EpochSampler, PretrainDataModule, PretrainingDataset, build_plan, load_tokens
 from tests.test_pretrain_data import month_datamodule, shared_base
 
 MAX_SEQ_LEN = 128
@@ -304,3 +306,95 @@ def test_whole_word_masking_on_real_petitions(mirror, tmp_path_factory):
         masked += int(target.sum())
         candidates += int(regular.sum())
     assert 0.12 < masked / candidates <= 0.16  # whole words that would overshoot are skipped, as in Google
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# span masking (SpanBERT, Joshi et al. 2020, section 3.1)
+
+SPAN_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "대한", "##민국", "##의", "국민", "##은", "청원"]
+SPAN_CONTINUATION = np.array([p.startswith("##") for p in SPAN_VOCAB])
+
+
+def test_span_lengths_are_spanberts_clipped_geometric():
+    probs = span_length_probs(0.2, 10)
+    assert probs.sum() == pytest.approx(1.0) and np.allclose(probs[1:] / probs[:-1], 0.8)
+    assert (np.arange(1, 11) * probs).sum() == pytest.approx(3.8, abs=0.05)  # the paper: mean 3.8 words
+
+
+def test_drawn_spans_follow_the_length_distribution_in_whole_words():
+    # 4,000 one-piece words in one segment: a drawn span is `length` words unless the budget or the end cuts it
+    ids = np.full(4002, 10)  # [CLS] and [SEP] around them do not matter here
+    candidates = np.arange(1, 4001)
+    config = MaskingConfig(vocab_size=len(SPAN_VOCAB), span_mask=True)
+    rng = np.random.default_rng(0)
+    lengths = []
+    for _ in range(20):
+        spans = choose_spans(ids, candidates, 600, config, rng, SPAN_CONTINUATION)
+        lengths += [last - first + 1 for first, last in spans[:-1] if last < len(candidates) - 1]
+    counts = np.bincount(lengths, minlength=11)[1:]
+    expected = span_length_probs(0.2, 10) * len(lengths)
+    assert len(lengths) > 2000 and ((counts - expected) ** 2 / expected).sum() < 30  # chi2, 9 dof: p < 0.001
+
+
+def test_span_masking_follows_spanberts_rules():
+    config = MaskingConfig(vocab_size=len(SPAN_VOCAB), span_mask=True, mlm_probability=0.3)
+    a = np.array([5, 6, 7, 8, 9, 10, 5, 6, 10, 8, 9])  # 대한##민국##의 국민##은 청원 대한##민국 청원 국민##은
+    b = np.array([8, 9, 10, 10, 5, 6, 7, 10, 8])
+    rng = np.random.default_rng(3)
+    draws = {"mask": 0, "other": 0}
+    for _ in range(400):
+        example = build_example(a, b, 64, config, rng, SPAN_CONTINUATION)
+        target = example["mlm_labels"] != IGNORE_INDEX
+        original = np.where(target, example["mlm_labels"], example["input_ids"])
+        regular = original >= 5
+        assert target.sum() == round(regular.sum() * 0.3)  # exactly the budget
+        assert not target[~regular].any()  # never [CLS], [SEP]
+        runs = np.split(np.flatnonzero(target), np.flatnonzero(np.diff(np.flatnonzero(target)) > 1) + 1)
+        cut_inside_a_word = 0
+        for run in runs:
+            first, last = run[0], run[-1]
+            assert not SPAN_CONTINUATION[original[first]] or not regular[first - 1]  # starts a word
+            after = last + 1
+            cut_inside_a_word += int(regular[after] and SPAN_CONTINUATION[original[after]])
+            corrupted = example["input_ids"][run]
+            is_mask = corrupted == config.mask_id
+            assert is_mask.all() or not is_mask.any()  # one replacement draw for the whole span
+            draws["mask" if is_mask.all() else "other"] += 1
+        assert cut_inside_a_word <= 1  # only the span that met the budget may stop inside a word
+    share = draws["mask"] / (draws["mask"] + draws["other"])
+    assert 0.74 < share < 0.86  # 80 % of spans become [MASK]
+
+
+def test_a_span_never_crosses_the_sep_between_a_and_b():
+    config = MaskingConfig(vocab_size=len(SPAN_VOCAB), span_mask=True, span_p=0.01)  # nearly all 10 words long
+    ids = np.array([2, 10, 10, 3, 10, 10, 10, 3])
+    candidates = np.array([1, 2, 4, 5, 6])
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        for first, last in choose_spans(ids, candidates, 5, config, rng, SPAN_CONTINUATION):
+            assert (candidates[first] <= 2) == (candidates[last] <= 2)
+
+
+def test_span_and_whole_word_masking_are_exclusive():
+    with pytest.raises(ValueError, match="span_mask already masks whole words"):
+        MaskingConfig(vocab_size=20, span_mask=True, whole_word_mask=True)
+    with pytest.raises(ValueError, match="data.span_mask already masks whole words"):  # at once, no preparation
+        PretrainDataModule(files=[{"name": "x"}], format="petitions", span_mask=True, whole_word_mask=True)
+
+
+def test_span_masking_on_real_petitions(mirror, tmp_path_factory):
+    dm = month_datamodule(shared_base(tmp_path_factory), span_mask=True)
+    dataset = dm.datasets["train"]
+    masked = candidates = 0
+    run_lengths = []
+    for index in range(300):
+        example = dataset[index]
+        target = example["mlm_labels"] != IGNORE_INDEX
+        regular = np.where(target, example["mlm_labels"], example["input_ids"]) >= 5
+        assert target.sum() == max(1, round(regular.sum() * 0.15))
+        positions = np.flatnonzero(target)
+        run_lengths += [len(r) for r in np.split(positions, np.flatnonzero(np.diff(positions) > 1) + 1)]
+        masked += int(target.sum())
+        candidates += int(regular.sum())
+    assert 0.14 < masked / candidates < 0.16
+    assert np.mean(run_lengths) > 3.0  # contiguous runs of pieces, where token masking gives ~1.2
