@@ -95,6 +95,7 @@ def main() -> None:
         ("2 workers", dict(num_workers=2)),
         ("2 workers, persistent", dict(num_workers=2, persistent_workers=True)),
         ("0 workers, whole-word mask", dict(num_workers=0, whole_word_mask=True)),
+        ("0 workers, span mask", dict(num_workers=0, span_mask=True)),
         ("0 workers, length buckets", dict(num_workers=0, length_bucketing=True)),
     ]
     table = Table(
