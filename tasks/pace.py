@@ -26,6 +26,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 
 from tasks import tracking
 from tasks.optim import time_left
+from tasks.summary import minutes
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,6 @@ CHECK_SHARE = 0.05  # ... or this share of the time limit, whichever is later
 RECHECK_AFTER_S = 600.0  # then again every 10 minutes ...
 RECHECK_SHARE = 0.1  # ... or this share of the time limit, whichever is later
 REPORT_CHANGE = 0.05  # a re-check is logged when the pace moved by more than this fraction
-
-
-def minutes(seconds: float) -> str:
-    """'3 h 20 min' / '12 min' / '40 s': durations as a user plans with them."""
-    if seconds < 59.5:
-        return f"{seconds:.0f} s"
-    total = round(seconds / 60)
-    return f"{total // 60} h {total % 60} min" if total >= 60 else f"{total} min"
 
 
 @dataclass(frozen=True)

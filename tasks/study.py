@@ -500,17 +500,21 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         return label, job, proc.returncode, time.time() - started
 
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    started = time.time()
+    with progress_bar() as progress, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        bar = progress.add_task("fine-tuning runs", total=len(todo))
         for label, job, returncode, seconds in pool.map(lambda item: launch(*item), todo):
             launched += 1
+            progress.advance(bar)
+            left = time_left_note(time.time() - started, launched, len(todo))
             run = finished_run(client, experiment_id, job.key)
             if returncode != 0 or run is None:
                 log_file = out_dir / "logs" / f"{job.key}.log"
                 failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": returncode})
-                print(f"{label}: FAILED (exit {returncode}); log {log_file}")
+                progress.console.print(f"{label}: FAILED (exit {returncode}); log {log_file}{left}", soft_wrap=True, markup=False, highlight=False)
                 continue
             found[job.key] = run
-            print(f"{label}: {seconds:.0f}s, run {run.info.run_id}")
+            progress.console.print(f"{label}: {seconds:.0f}s, run {run.info.run_id}{left}", soft_wrap=True, markup=False, highlight=False)
 
     rows = tabulate(client, jobs, arms, found, configs)
     title = f"pretraining run {args.run_id}"
@@ -562,6 +566,22 @@ def tabulate(client, jobs: Sequence[Job], arms: Sequence[Arm], found: Mapping[st
                 row.cells[task] = cell
         rows.append(row)
     return rows
+
+
+def progress_bar() -> Any:
+    """The study's bar: runs done of those to launch, time spent and left (a study is hours on 2 cores)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+
+
+def time_left_note(elapsed_s: float, done: int, total: int) -> str:
+    """'; 10 to go, about 1 h 5 min left' at the pace so far (runs side by side included), for the job lines."""
+    from tasks.summary import minutes
+
+    if done >= total:
+        return ""
+    return f"; {total - done} to go, about {minutes(elapsed_s / done * (total - done))} left"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

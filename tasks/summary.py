@@ -90,6 +90,14 @@ class RunSummary:
         return "\n".join(lines)
 
 
+def minutes(seconds: float) -> str:
+    """'3 h 20 min' / '12 min' / '40 s': durations as a user plans with them."""
+    if seconds < 59.5:
+        return f"{seconds:.0f} s"
+    total = round(seconds / 60)
+    return f"{total // 60} h {total % 60} min" if total >= 60 else f"{total} min"
+
+
 def banner(text: str, lines: Sequence[str] = ()) -> str:
     """The summary framed, so it stands out of the progress bar and the logs above it."""
     rule = "─" * 72

@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 from tasks.budgets import BudgetCheckpoints
-from tasks.study import Cell, Row, choose, format_markdown, parse_args, recipe_overrides, study_key
+from tasks.study import (
+    Cell,
+    Row,
+    choose,
+    format_markdown,
+    parse_args,
+    recipe_overrides,
+    study_key,
+    time_left_note,
+)
 from tests.test_run_pretrain import ROOT, check, client_for, run_cli, runs_of
 
 ARM = {"kind": "budget", "run": "abc", "step": 1000, "sha256": "f" * 64}
@@ -118,6 +127,8 @@ def test_study_end_to_end_and_resume(tmp_path):
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     check(first)
     assert "launched 4, reused 0, failed 0" in first.stdout, first.stdout[-3000:]
+    job_lines = [line for line in first.stdout.splitlines() if line.startswith("[") and "s, run " in line]
+    assert len(job_lines) == 4 and sum("to go, about" in line for line in job_lines) == 3  # the last says none
 
     client = client_for(workdir)
     (parent,) = [r for r in runs_of(workdir, "study") if r.data.tags.get("study_parent") == "true"]
@@ -348,3 +359,10 @@ def test_an_ambiguous_prefix_names_the_candidates_across_pages():
     with pytest.raises(LookupError, match="ambiguous: 2 runs"):  # the second match is on the second page
         resolve_run_id(client, "abcd", ["1"])
     assert resolve_run_id(client, "abcd1", ["1"]) == "abcd" + "1" * 28
+
+
+def test_time_left_is_the_pace_so_far_times_the_runs_to_go():
+    # 2 runs done in 10 minutes (side by side or not): 22 to go take 110 minutes
+    assert time_left_note(600.0, 2, 24) == "; 22 to go, about 1 h 50 min left"
+    assert time_left_note(90.0, 3, 4) == "; 1 to go, about 30 s left"
+    assert time_left_note(600.0, 24, 24) == ""
