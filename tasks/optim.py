@@ -164,8 +164,10 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
         lr=float(optim["lr"]),
         betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-6)),
-        # fused AdamW runs on CPU and CUDA; FSDP/DeepSpeed may swap the optimizer's params, keep it plain there
-        fused=bool(optim.get("fused", on_cpu or torch.cuda.is_available())),
+        # fused on CPU only: on GPU, Lightning's bf16/16-mixed plugin refuses gradient clipping with a fused
+        # optimizer (seen on an H200), so CUDA gets torch's foreach default (optim.fused=true needs
+        # trainer.gradient_clip_val=null); FSDP/DeepSpeed may swap the optimizer's params, plain suits them
+        fused=bool(optim.get("fused", on_cpu)),
     )
     warmup = warmup_steps_from(optim, total_steps)
     floor, decay_fraction = float(optim.get("min_lr_ratio", 0.0)), float(optim.get("decay_fraction", 1.0))

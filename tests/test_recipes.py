@@ -119,6 +119,21 @@ def test_without_layer_decay_the_two_groups_of_old():
     assert [g["weight_decay"] for g in groups] == [0.01, 0.0] and all("lr" not in g for g in groups)
 
 
+def test_adamw_is_fused_on_cpu_only(monkeypatch):
+    """Lightning's bf16/16-mixed plugin refuses gradient clipping (trainer.gradient_clip_val, on in every
+    preset) when the optimizer unscales inside its step, as fused AdamW does: `trainer=gpu` crashed at its
+    first step on an H200. Off the CPU (meta stands in for a GPU here) AdamW is torch's non-fused default."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    cpu = build_optimizer(BertModel(SMALL), {"lr": 1e-3, "warmup_steps": 0}, 10)["optimizer"]
+    assert cpu.defaults["fused"] is True
+    with torch.device("meta"):
+        off_cpu = BertModel(SMALL)
+    opt = build_optimizer(off_cpu, {"lr": 1e-3, "warmup_steps": 0}, 10)["optimizer"]
+    assert not opt.defaults["fused"] and not getattr(opt, "_step_supports_amp_scaling", False)
+    forced = build_optimizer(off_cpu, {"lr": 1e-3, "warmup_steps": 0, "fused": True}, 10)["optimizer"]
+    assert getattr(forced, "_step_supports_amp_scaling", False)  # what Lightning's clipping check refuses
+
+
 def test_head_lr_scale_multiplies_only_the_head():
     model = BertCrfTagger(SMALL, num_tags=5)
     named = dict(model.named_parameters())
