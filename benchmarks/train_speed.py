@@ -26,11 +26,17 @@ vocab logits at unmasked positions is waste, and shows as lower MFU.
     python benchmarks/train_speed.py                      # tiny and mini, vocab 16k, seq 128, batch 32
     python benchmarks/train_speed.py --compile --json out.json
     python benchmarks/train_speed.py --quick              # smoke run: tiny, few rounds (< 20 s)
+    python benchmarks/train_speed.py --device cuda --precision bf16-mixed --models mini,base --batch 128
+
+On a GPU both implementations run under the same autocast (``bf16-mixed``: what ``trainer=gpu`` does through
+Lightning), the peak is a matmul of the same dtype on that GPU, and the CPU contention probe is off (a GPU
+machine is not shared the way the 2 dev cores are); ``float(loss)`` synchronises every step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -107,16 +113,28 @@ def useful_flops(cfg: BertConfig, batch: int, seq: int, n_masked: float) -> floa
     return 3.0 * forward
 
 
-def matmul_peak(n: int, repeats: int) -> float:
-    """Best fp32 torch.mm throughput (FLOP/s) of an n x n product, with the threads torch uses."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(n: int, repeats: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    """Best torch.mm throughput (FLOP/s) of an n x n product in `dtype` on `device` (CPU: torch's threads)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best
+
+
+def autocast_for(device: str, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast Lightning's `precision` puts around forward (and loss): none for 32-true."""
+    if precision == "32-true":
+        return contextlib.nullcontext
+    if precision != "bf16-mixed":
+        raise ValueError(f"--precision {precision!r}: 32-true or bf16-mixed")
+    return lambda: torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
 
 class ContentionProbe:
@@ -170,21 +188,22 @@ class Impl:
     runqueue_s: float = 0.0  # time our threads waited for a CPU during timed steps (other processes)
 
 
-def ours_step(model: BertForPreTraining, optimizer: torch.optim.Optimizer):
+def ours_step(model: BertForPreTraining, optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext):
     """PretrainModule.model_step's losses + backward + AdamW (Lightning's own per-step overhead left out)."""
 
     def step(b: dict[str, torch.Tensor]) -> float:
         mlm_labels = b["mlm_labels"]
         masked = mlm_labels.ne(-100)
-        out = model(
-            b["input_ids"],
-            token_type_ids=b["token_type_ids"],
-            attention_mask=b["attention_mask"],
-            masked_positions=masked,
-        )
-        mlm_loss = F.cross_entropy(out.mlm_logits.float(), mlm_labels[masked])
-        nsp_loss = F.cross_entropy(out.nsp_logits.float(), b["nsp_labels"])
-        loss = mlm_loss + nsp_loss
+        with autocast():
+            out = model(
+                b["input_ids"],
+                token_type_ids=b["token_type_ids"],
+                attention_mask=b["attention_mask"],
+                masked_positions=masked,
+            )
+            mlm_loss = F.cross_entropy(out.mlm_logits.float(), mlm_labels[masked])
+            nsp_loss = F.cross_entropy(out.nsp_logits.float(), b["nsp_labels"])
+            loss = mlm_loss + nsp_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -193,15 +212,16 @@ def ours_step(model: BertForPreTraining, optimizer: torch.optim.Optimizer):
     return step
 
 
-def transformers_step(model, optimizer: torch.optim.Optimizer):
+def transformers_step(model, optimizer: torch.optim.Optimizer, autocast=contextlib.nullcontext):
     def step(b: dict[str, torch.Tensor]) -> float:
-        out = model(
-            input_ids=b["input_ids"],
-            token_type_ids=b["token_type_ids"],
-            attention_mask=b["attention_mask"],
-            labels=b["mlm_labels"],
-            next_sentence_label=b["nsp_labels"],
-        )
+        with autocast():
+            out = model(
+                input_ids=b["input_ids"],
+                token_type_ids=b["token_type_ids"],
+                attention_mask=b["attention_mask"],
+                labels=b["mlm_labels"],
+                next_sentence_label=b["nsp_labels"],
+            )
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()
@@ -231,23 +251,27 @@ def bench_model(
     ours = BertForPreTraining(cfg).train()
     theirs = transformers.BertForPreTraining(transformers.BertConfig(**cfg.to_transformers_dict()))
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    theirs.train()
+    ours.to(args.device)
+    theirs.to(args.device).train()
+    autocast = autocast_for(args.device, args.precision)
     optim_cfg = {"lr": args.lr, "weight_decay": 0.01}
+    their_opt = torch.optim.AdamW(theirs.parameters(), lr=args.lr)  # torch's default (foreach on CUDA)
     impls = [
-        Impl("ours", ours_step(ours, build_optimizer(ours, optim_cfg, 10_000)["optimizer"])),
-        Impl("transformers", transformers_step(theirs, torch.optim.AdamW(theirs.parameters(), lr=args.lr))),
+        Impl("ours", ours_step(ours, build_optimizer(ours, optim_cfg, 10_000)["optimizer"], autocast)),
+        Impl("transformers", transformers_step(theirs, their_opt, autocast)),
     ]
     if args.compile:
         compiled = copy.deepcopy(ours)
         compiled.compile()  # in place, as PretrainModule(compile=True) does
         opt = build_optimizer(compiled, optim_cfg, 10_000)["optimizer"]
-        impls.append(Impl("ours+compile", ours_step(compiled, opt)))
+        impls.append(Impl("ours+compile", ours_step(compiled, opt, autocast)))
 
     g = torch.Generator().manual_seed(args.seed)
     # two batches with different numbers of masked rows: a compiled model meets a new N every step in real
     # training, so it has to settle on dynamic shapes during warm-up, as it would there
     batches = [
-        make_batch(args.batch, args.seq, args.vocab, p, g) for p in (args.mask_prob, args.mask_prob + 0.01)
+        {k: v.to(args.device) for k, v in make_batch(args.batch, args.seq, args.vocab, p, g).items()}
+        for p in (args.mask_prob, args.mask_prob + 0.01)
     ]
     n_masked = statistics.fmean(int(b["mlm_labels"].ne(-100).sum()) for b in batches)
 
@@ -357,9 +381,10 @@ def print_table(rows: list[dict], meta: dict) -> None:
         ]
         for r in rows
     ]
+    where = f"{meta['threads']} threads" if meta["device"] == "cpu" else meta["device"]
     title = (
-        f"training step, vocab {meta['vocab']}, seq {meta['seq']}, batch {meta['batch']}, "
-        f"{meta['threads']} threads, fp32 matmul peak {meta['peak_gflops']:.0f} GFLOP/s"
+        f"training step, {meta['precision']}, vocab {meta['vocab']}, seq {meta['seq']}, batch {meta['batch']}, "
+        f"{where}, {meta['peak_dtype']} matmul peak {meta['peak_gflops']:.0f} GFLOP/s"
     )
     try:
         from rich.console import Console
@@ -428,6 +453,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--cold-compile", action="store_true", help="fresh inductor cache dir, so compile s is a cold compile"
     )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument(
+        "--precision", default="32-true", help="32-true, or bf16-mixed (autocast, as Lightning's precision)"
+    )
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny only, 2 rounds of 1 step")
     p.add_argument("--quiet", action="store_true", help="no per-round progress lines")
@@ -435,6 +464,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.quick:
         args.models, args.rounds, args.steps, args.warmup, args.peak_size = "tiny", 2, 1, 1, 1024
         args.max_wait, args.retries = min(args.max_wait, 2.0), 0
+    on_gpu = args.device != "cpu"
+    if on_gpu:  # the probe measures the CPU cores: no waiting, no re-takes on a GPU machine
+        args.max_wait, args.retries, args.max_runqueue = 0.0, 0, math.inf
+        if args.peak_size == 2048:
+            args.peak_size = 8192  # a 2048^3 product is too small to reach a GPU's peak
+    peak_dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
     if args.cold_compile:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor_cold_")
 
@@ -449,10 +484,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def measure_peak() -> float:
         probe.wait(args.max_wait)
-        return matmul_peak(args.peak_size, 3 if args.quick else 10)
+        return matmul_peak(args.peak_size, 3 if args.quick else 10, args.device, peak_dtype)
 
     peak = measure_peak()
-    log(f"fp32 matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.peak_size}^3 torch.mm, best of runs)")
+    dtype_name = str(peak_dtype).removeprefix("torch.")
+    log(f"{dtype_name} matmul peak: {peak / 1e9:.0f} GFLOP/s ({args.peak_size}^3 torch.mm, best of runs)")
     rows: list[dict] = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         rows += bench_model(name, args, peak, probe, log)
@@ -470,6 +506,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps_per_round": args.steps,
         "warmup": args.warmup,
         "threads": threads,
+        "device": torch.cuda.get_device_name(args.device) if on_gpu else "cpu",
+        "precision": args.precision,
+        "peak_dtype": dtype_name,
         "peak_gflops": peak / 1e9,
         "malloc_tuned": malloc_tuned,
         "cold_compile": args.cold_compile,

@@ -10,6 +10,7 @@ from bert.model import (
     BertConfig,
     BertForPreTraining,
     BertModel,
+    BertSelfAttention,
     check_vocab,
     count_parameters,
     load_state_dict_checked,
@@ -189,6 +190,22 @@ def test_attention_dropout_only_in_training(config, batch):
     assert torch.equal(*twice())
     model.train()
     assert not torch.allclose(*twice())
+
+
+def test_attention_dropout_is_unbiased():
+    """Inverted dropout keeps the expectation: the mean of many training outputs of one attention layer is
+    its eval output, so the explicit path's 1/(1-p), folded into the value weight, is applied exactly once."""
+    torch.manual_seed(0)
+    layer = BertSelfAttention(BertConfig(**TINY, attention_probs_dropout_prob=0.3))
+    x = torch.randn(4, 7, TINY["hidden_size"])
+    mask = torch.zeros(4, 1, 1, 7).masked_fill(torch.arange(7) >= 5, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        expected = layer.eval()(x, mask)
+        layer.train()
+        mean = torch.stack([layer(x, mask) for _ in range(4000)]).mean(0)
+        assert not torch.allclose(layer(x, mask), expected, atol=1e-3)  # dropout is on
+    # a missing or doubled 1/(1-p) would be off by ~30%; the sampling error here is ~1%
+    assert torch.allclose(mean, expected, rtol=0.05, atol=0.02), (mean - expected).abs().max()
 
 
 def test_parameter_count_matches_transformers(config):
