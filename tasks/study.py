@@ -258,7 +258,8 @@ def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
 
 
 def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -> Path:
-    """Test metric against pretraining minutes, one panel per task; scratch at 0, hf arms as flat lines."""
+    """Test metric against pretraining minutes, each point labelled with its steps, one panel per task;
+    scratch at 0, hf arms as flat lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,15 +267,20 @@ def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        curve = sorted((r.minutes or 0.0, r.cells[task]) for r in rows if r.kind != "hf" and task in r.cells)
+        curve = sorted((r.minutes or 0.0, r.cells[task], r.steps) for r in rows if r.kind != "hf" and task in r.cells)
         if curve:
-            xs = [m for m, _ in curve]
-            ax.errorbar(xs, [c.mean for _, c in curve], yerr=[c.std or 0.0 for _, c in curve], marker="o",
+            xs = [m for m, _, _ in curve]
+            ax.errorbar(xs, [c.mean for _, c, _ in curve], yerr=[c.std or 0.0 for _, c, _ in curve], marker="o",
                         capsize=3, label="this run (0 = scratch)")  # fmt: skip
+            # minutes depend on the machine (and on what else ran on it); the steps say how far training got
+            for x, cell, steps in curve:
+                if steps:
+                    ax.annotate(f"{steps:,} steps", (x, cell.mean), textcoords="offset points", xytext=(-5, 4),
+                                ha="right", fontsize=7)  # fmt: skip
         for i, row in enumerate(r for r in rows if r.kind == "hf" and task in r.cells):
             ax.axhline(row.cells[task].mean, linestyle="--", color=f"C{i + 1}", label=row.arm)
         ax.set_title(task)
-        ax.set_xlabel("pretraining minutes")
+        ax.set_xlabel("pretraining minutes (points: steps)")
         ax.set_ylabel(TEST_METRIC.get(task, "test metric"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
