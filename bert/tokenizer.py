@@ -265,9 +265,15 @@ def tokenizer_fingerprint(
         **extra,
     }
     if morpheme_aware:
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        settings["kiwipiepy"] = version("kiwipiepy")
+        try:  # a kiwi update may split differently: its version is part of the key
+            settings["kiwipiepy"] = version("kiwipiepy")
+        except PackageNotFoundError as err:
+            raise ImportError(
+                "morpheme-aware tokenizers need kiwipiepy, a dependency of this project (pip install kiwipiepy); "
+                "data.morpheme_aware=false trains a plain WordPiece instead"
+            ) from err
     blob = json.dumps(settings, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:12]
 

@@ -113,6 +113,18 @@ def test_fingerprint_is_stable_and_sensitive():
     assert base != tokenizer_fingerprint(vocab_size=16000, morpheme_aware=True, corpus="namuwiki")
 
 
+def test_fingerprint_without_kiwipiepy_says_what_to_install(monkeypatch):
+    import importlib.metadata
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", missing)
+    with pytest.raises(ImportError, match="pip install kiwipiepy"):
+        tokenizer_fingerprint(vocab_size=16000, morpheme_aware=True)
+    assert re.fullmatch("[0-9a-f]{12}", tokenizer_fingerprint(vocab_size=16000, morpheme_aware=False))
+
+
 def test_small_training_keeps_size_alphabet_and_specials():
     texts = ["이순신은 조선 중기의 무신이다.", "서울에서 만났다. 하였습니다"] * 3
     tokenizer = train_tokenizer(texts, vocab_size=300, morpheme_aware=True, show_progress=False)
