@@ -267,7 +267,8 @@ def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        curve = sorted((r.minutes or 0.0, r.cells[task], r.steps) for r in rows if r.kind != "hf" and task in r.cells)
+        points = [(r.minutes or 0.0, r.cells[task], r.steps) for r in rows if r.kind != "hf" and task in r.cells]
+        curve = sorted(points, key=lambda point: point[0])  # by x only: Cells do not order
         if curve:
             xs = [m for m, _, _ in curve]
             ax.errorbar(xs, [c.mean for _, c, _ in curve], yerr=[c.std or 0.0 for _, c, _ in curve], marker="o",
