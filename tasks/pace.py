@@ -112,6 +112,11 @@ class StepPace(pl.Callback):
         p, last = self.projection, self._reported
         if p is None or not trainer.is_global_zero:  # one report per run, not one per DDP process
             return
+        if isinstance(trainer.logger, MLFlowLogger):  # the tags follow every check, the log only a change
+            tags: dict[str, Any] = {"pace_steps_per_min": f"{p.steps_per_min:.1f}"}
+            if p.projected_steps is not None:
+                tags["projected_steps"] = p.projected_steps
+            tracking.set_tags(trainer.logger, tags)
         if last is not None and abs(p.steps_per_min / last.steps_per_min - 1.0) <= REPORT_CHANGE:
             return  # a steady pace: said already
         was = f" (was {last.steps_per_min:.0f})" if last is not None else ""
@@ -126,11 +131,6 @@ class StepPace(pl.Callback):
             self.warning = shortfall_advice(p, self.expected_steps, self.max_time)
             if self.warning:
                 log.warning("pace: %s", self.warning)
-        if isinstance(trainer.logger, MLFlowLogger):
-            tags: dict[str, Any] = {"pace_steps_per_min": f"{p.steps_per_min:.1f}"}
-            if p.projected_steps is not None:
-                tags["projected_steps"] = p.projected_steps
-            tracking.set_tags(trainer.logger, tags)
 
     def summary_line(self, trainer: pl.Trainer) -> str | None:
         """For the end-of-run summary: the pace this run had, and whether it reached the recipe's steps."""

@@ -137,3 +137,21 @@ def test_a_run_that_slows_down_later_is_re_projected_and_warned_then(tmp_path, c
     assert len(warnings) == 1 and "fewer than the 100" in warnings[0]  # warned once, when it fell short
     tags = trainer.logger.experiment.get_run(trainer.logger.run_id).data.tags
     assert int(tags["projected_steps"]) == cb.projection.projected_steps < 100  # the tag follows
+
+
+def test_the_tag_follows_every_check_not_only_the_logged_ones(tmp_path, caplog, check_at_once, monkeypatch):
+    # the log says the pace again only when it moved by more than REPORT_CHANGE; the tag must not go stale
+    # with it (a 41-step projection once read 40 in the tag: the first CI run beside a fine-tuning job)
+    monkeypatch.setattr(pace, "RECHECK_AFTER_S", 0.3)
+    monkeypatch.setattr(pace, "RECHECK_SHARE", 0.0)
+    monkeypatch.setattr(pace, "REPORT_CHANGE", float("inf"))  # only the first check is logged
+    cb = StepPace(expected_steps=100, max_time="00:00:00:02")
+    logger = MLFlowLogger(experiment_name="pace", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    trainer = pl.Trainer(logger=logger, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=-1, max_time="00:00:00:02")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="tasks.pace"):
+        trainer.fit(_SlowsDown())
+    infos = [r.getMessage() for r in caplog.records if r.name == "tasks.pace" and r.levelno == logging.INFO]
+    assert len(infos) == 1 and cb.checks > 1
+    tags = trainer.logger.experiment.get_run(trainer.logger.run_id).data.tags
+    assert int(tags["projected_steps"]) == cb.projection.projected_steps < 100
