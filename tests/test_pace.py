@@ -119,10 +119,11 @@ class _SlowsDown(_Tiny):
         return super().training_step(batch, batch_idx)
 
 
-def test_a_run_that_slows_down_later_is_re_projected_and_warned_then(tmp_path, caplog, check_at_once, monkeypatch):
+def _fit_slowing_down(tmp_path, caplog, monkeypatch):
+    """A 2-second run re-checked every 0.3 s: fast steps (~1 ms) project far more than 100 steps, then at 50 ms
+    a step the run makes ~50."""
     monkeypatch.setattr(pace, "RECHECK_AFTER_S", 0.3)
     monkeypatch.setattr(pace, "RECHECK_SHARE", 0.0)
-    # fast steps (~1 ms) project far more than 100 steps in 2 s; at 50 ms a step the run makes ~50
     cb = StepPace(expected_steps=100, max_time="00:00:00:02")
     logger = MLFlowLogger(experiment_name="pace", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     trainer = pl.Trainer(logger=logger, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
@@ -131,6 +132,11 @@ def test_a_run_that_slows_down_later_is_re_projected_and_warned_then(tmp_path, c
         trainer.fit(_SlowsDown())
     infos = [r.getMessage() for r in caplog.records if r.name == "tasks.pace" and r.levelno == logging.INFO]
     warnings = [r.getMessage() for r in caplog.records if r.name == "tasks.pace" and r.levelno == logging.WARNING]
+    return cb, trainer, infos, warnings
+
+
+def test_a_run_that_slows_down_later_is_re_projected_and_warned_then(tmp_path, caplog, check_at_once, monkeypatch):
+    cb, trainer, infos, warnings = _fit_slowing_down(tmp_path, caplog, monkeypatch)
     first_steps = int(infos[0].split("about ")[1].split(" steps")[0].replace(",", ""))
     assert first_steps >= 100 and trainer.global_step < 100  # the first check could not have known
     assert cb.checks > 1 and any("(was " in m for m in infos[1:])  # re-projected, the change said
@@ -142,16 +148,8 @@ def test_a_run_that_slows_down_later_is_re_projected_and_warned_then(tmp_path, c
 def test_the_tag_follows_every_check_not_only_the_logged_ones(tmp_path, caplog, check_at_once, monkeypatch):
     # the log says the pace again only when it moved by more than REPORT_CHANGE; the tag must not go stale
     # with it (a 41-step projection once read 40 in the tag: the first CI run beside a fine-tuning job)
-    monkeypatch.setattr(pace, "RECHECK_AFTER_S", 0.3)
-    monkeypatch.setattr(pace, "RECHECK_SHARE", 0.0)
     monkeypatch.setattr(pace, "REPORT_CHANGE", float("inf"))  # only the first check is logged
-    cb = StepPace(expected_steps=100, max_time="00:00:00:02")
-    logger = MLFlowLogger(experiment_name="pace", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    trainer = pl.Trainer(logger=logger, callbacks=[cb], enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, max_epochs=-1, max_time="00:00:00:02")  # fmt: skip
-    with caplog.at_level(logging.INFO, logger="tasks.pace"):
-        trainer.fit(_SlowsDown())
-    infos = [r.getMessage() for r in caplog.records if r.name == "tasks.pace" and r.levelno == logging.INFO]
+    cb, trainer, infos, _ = _fit_slowing_down(tmp_path, caplog, monkeypatch)
     assert len(infos) == 1 and cb.checks > 1
     tags = trainer.logger.experiment.get_run(trainer.logger.run_id).data.tags
     assert int(tags["projected_steps"]) == cb.projection.projected_steps < 100
