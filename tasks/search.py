@@ -199,7 +199,10 @@ def _shared_part(recipe: str) -> str:
 
 
 def _recipe_of(spec: Mapping[str, Any]) -> str:
-    return " ".join(spec.get("recipe") or []) or "task defaults"
+    """A fold study's cells average other test sets than a one-split study's: its recipe says so, so the two
+    never stand in for each other's scratch arm."""
+    recipe = " ".join(spec.get("recipe") or []) or "task defaults"
+    return f"{recipe} folds={spec['folds']}" if spec.get("folds", 1) > 1 else recipe
 
 
 def _scratch_keys(study: Mapping[str, Any]) -> set[str]:

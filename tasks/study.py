@@ -1,8 +1,8 @@
 """How much does pretraining buy? Fine-tune every budget checkpoint of a pretraining run on every task.
 
     python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|none|1000,3500]
-        [seeds=3] [lrs=3e-4,1e-3] [arms=hf:<folder>,...] [scratch=true] [extra_args="trainer.max_epochs=6"]
-        [out_dir=...] [dry_run=false]
+        [seeds=3] [lrs=3e-4,1e-3] [folds=1] [arms=hf:<folder>,...] [scratch=true]
+        [extra_args="trainer.max_epochs=6"] [out_dir=...] [dry_run=false] [jobs=1]
 
 Arms: scratch (random init, same shape and tokenizer: the 0-minute point; keyed by shape and tokenizer, so
 studies of same-shaped runs share it; `budgets=none` runs it alone), each budget checkpoint the run kept
@@ -12,6 +12,14 @@ BERT as a named row. Each arm is fine-tuned on each task with the task's standar
 learning rate with the best mean validation monitor over seeds is chosen, and its test metric is reported as
 mean ± sample std over seeds. A researcher would choose the learning rate the same way for each arm, so a
 pretrained checkpoint and a random init are each compared at their own best one: they differ.
+
+`folds=N` (N > 1) rotates each task's split N times (test_mod and val_mod move by modulus / N), so every example
+is tested once in N folds rather than one fixed test split deciding the comparison: on a few hundred test
+examples (topic has classes with 1 test petition, STS ~100 pairs) the split moves a metric more than the seed
+does. Cells are then the mean over folds (each the mean over seeds) ± the sample std over folds, and an arm's
+cell also gives its gain over the scratch row fold by fold (paired: both arms saw the same test examples):
+mean ± std of the per-fold differences and the folds on which it is ahead. Fold 0 is the task's own split, so
+its runs are the ordinary study's runs and are reused.
 
 Every fine-tuning run is a plain `python run_finetune.py task=... pretrained=... seed=... optim.lr=...`
 subprocess, nested in MLflow under one parent run of experiment `study` (tag `mlflow.parentRunId`), and tagged
@@ -73,6 +81,8 @@ class Job:
     seed: int
     lr: float
     key: str
+    fold: int = 0
+    split: tuple[str, ...] = ()  # the fold's split overrides (none for fold 0: the task's own split)
 
 
 def recipe_overrides(extra_args: Sequence[str]) -> list[str]:
@@ -150,16 +160,39 @@ def hf_arm(ref: str) -> Arm:
     return Arm(f"hf:{folder.name}", "hf", (f"pretrained={quote(HF_PREFIX + str(folder))}",), identity)
 
 
+def fold_splits(split: Mapping[str, Any] | None, folds: int, task: str = "task") -> list[tuple[str, ...]]:
+    """The split overrides of each fold: test_mod and val_mod shifted by modulus / folds per fold, so the N test
+    sets are disjoint and cover every residue once (fold 0 = the task's own split, no overrides)."""
+    if folds == 1:
+        return [()]
+    if not split or "modulus" not in split:
+        raise SystemExit(f"folds={folds}: task {task} has no task.data.split.modulus to rotate")
+    modulus, test, val = int(split["modulus"]), int(split["test_mod"]), int(split["val_mod"])
+    if folds < 1 or modulus % folds:
+        raise SystemExit(f"folds={folds}: task {task}'s split modulus {modulus} is not a multiple of it")
+    shift = modulus // folds
+    out = [()]
+    for f in range(1, folds):
+        out.append((f"task.data.split.test_mod={(test + f * shift) % modulus}",
+                    f"task.data.split.val_mod={(val + f * shift) % modulus}"))  # fmt: skip
+    return out
+
+
 def plan_jobs(tasks: Sequence[str], arms: Sequence[Arm], seeds: Sequence[int], lrs: Sequence[float],
-              recipe: Sequence[str], data_versions: Mapping[str, int | None] | None = None) -> list[Job]:  # fmt: skip
-    versions = data_versions or {}
+              recipe: Sequence[str], data_versions: Mapping[str, int | None] | None = None,
+              splits: Mapping[str, Sequence[tuple[str, ...]]] | None = None) -> list[Job]:  # fmt: skip
+    """Every (task, arm, lr, fold, seed). A fold's split overrides join the recipe in the key: a fold run is
+    the same run as one made by hand with those overrides in extra_args."""
+    versions, splits = data_versions or {}, splits or {}
     return [
-        Job(task, arm, seed, lr, study_key(task, dict(arm.identity), seed, lr, recipe, versions.get(task)))
+        Job(task, arm, seed, lr,
+            study_key(task, dict(arm.identity), seed, lr, [*recipe, *split], versions.get(task)), fold, split)
         for task in tasks
         for arm in arms
         for lr in lrs
+        for fold, split in enumerate(splits.get(task, [()]))
         for seed in seeds
-    ]
+    ]  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -169,10 +202,12 @@ def plan_jobs(tasks: Sequence[str], arms: Sequence[Arm], seeds: Sequence[int], l
 @dataclass
 class Cell:
     mean: float
-    std: float | None  # sample std over seeds; None with one seed
+    std: float | None  # sample std over seeds (over folds when folds > 1); None with one
     n: int
     lr: float
     val: float
+    per_fold: dict[int, float] = field(default_factory=dict)  # fold -> mean test over its seeds (folds > 1)
+    gain: tuple[float, float | None, int, int] | None = None  # vs scratch per fold: mean, std, ahead, folds
 
 
 @dataclass
@@ -192,15 +227,36 @@ def summarize(values: Sequence[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def choose(results: Mapping[float, Sequence[tuple[float, float]]], mode: str) -> Cell | None:
-    """{lr: [(val, test) per seed]} -> the lr with the best mean val, with its test mean ± std."""
-    scored = {lr: pairs for lr, pairs in results.items() if pairs}
+def choose(results: Mapping[float, Sequence[tuple[float, ...]]], mode: str) -> Cell | None:
+    """{lr: [(val, test) or (val, test, fold) per run]} -> the lr with the best mean val, with its test mean ±
+    std: over seeds, or with several folds the mean and sample std of the per-fold means (a fold's test set,
+    not the seed, is what moves a small task's metric most)."""
+    scored = {lr: runs for lr, runs in results.items() if runs}
     if not scored:
         return None
     sign = 1.0 if mode == "max" else -1.0
-    lr = max(scored, key=lambda k: sign * summarize([v for v, _ in scored[k]])[0])
-    mean, std = summarize([t for _, t in scored[lr]])
-    return Cell(mean, std, len(scored[lr]), lr, summarize([v for v, _ in scored[lr]])[0])
+    lr = max(scored, key=lambda k: sign * summarize([r[0] for r in scored[k]])[0])
+    runs = scored[lr]
+    by_fold: dict[int, list[float]] = {}
+    for run in runs:
+        by_fold.setdefault(run[2] if len(run) > 2 else 0, []).append(run[1])
+    val = summarize([r[0] for r in runs])[0]
+    if len(by_fold) < 2:
+        mean, std = summarize([r[1] for r in runs])
+        return Cell(mean, std, len(runs), lr, val)
+    per_fold = {f: summarize(tests)[0] for f, tests in sorted(by_fold.items())}
+    mean, std = summarize(list(per_fold.values()))
+    return Cell(mean, std, len(runs), lr, val, per_fold)
+
+
+def paired_gain(cell: Cell, scratch: Cell) -> tuple[float, float | None, int, int] | None:
+    """The arm minus scratch fold by fold, on the folds both have: (mean, sample std, folds ahead, folds)."""
+    common = sorted(set(cell.per_fold) & set(scratch.per_fold))
+    if len(common) < 2:
+        return None
+    diffs = [cell.per_fold[f] - scratch.per_fold[f] for f in common]
+    mean, std = summarize(diffs)
+    return mean, std, sum(d > 0 for d in diffs), len(common)
 
 
 def human_tokens(n: int | None) -> str:
@@ -216,7 +272,12 @@ def format_cell(cell: Cell | None) -> str:
     if cell is None:
         return "–"
     spread = f" ± {cell.std:.3f}" if cell.std is not None else ""
-    return f"{cell.mean:.3f}{spread} (n={cell.n}, lr {cell.lr:g})"
+    folds = f", {len(cell.per_fold)} folds" if cell.per_fold else ""
+    text = f"{cell.mean:.3f}{spread} (n={cell.n}{folds}, lr {cell.lr:g})"
+    if cell.gain is not None:
+        mean, std, ahead, total = cell.gain
+        text += f"; vs scratch {mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f", ahead {ahead}/{total}"
+    return text
 
 
 def row_label(row: Row) -> tuple[str, str, str]:
@@ -230,8 +291,9 @@ def format_markdown(rows: Sequence[Row], tasks: Sequence[str], header: Mapping[s
     lines = ["# Study: how much does pretraining buy?", ""]
     lines += [f"- {k}: {v}" for k, v in header.items()]
     lines += [
-        "- cells: test metric, mean ± sample std over seeds (n seeds), at the learning rate with the best mean "
-        "validation monitor for that arm and task",
+        "- cells: test metric, mean ± sample std over seeds (n runs), at the learning rate with the best mean "
+        "validation monitor for that arm and task; with folds, the mean and sample std over folds of each fold's "
+        "mean, and the gain over scratch fold by fold (mean ± std of the paired differences, folds ahead)",
         "",
         "| arm | minutes | steps | tokens | " + " | ".join(f"{t} {TEST_METRIC.get(t, 'test')}" for t in tasks) + " |",
         "|---|---:|---:|---:|" + "---|" * len(tasks),
@@ -356,12 +418,14 @@ def finished_run(client, experiment_id: str, key: str):
 
 def child_command(job: Job, parent_id: str, extra_args: Sequence[str], run_dir: Path) -> list[str]:
     slug = f"{job.task}-{job.arm.name.replace(' ', '').replace(':', '-').replace('/', '-')}-s{job.seed}-lr{job.lr:g}"
+    slug += f"-fold{job.fold}" if job.fold else ""
     return [
-        sys.executable, str(ROOT / "run_finetune.py"), f"task={job.task}", *extra_args, *job.arm.overrides,
+        sys.executable, str(ROOT / "run_finetune.py"), f"task={job.task}", *extra_args, *job.split, *job.arm.overrides,
         f"seed={job.seed}", f"optim.lr={job.lr}", f"logger.experiment_name={EXPERIMENT}",
         f"logger.parent_run_id={quote(parent_id)}", f"logger.run_name={quote(slug)}",
         f"+logger.tags.study_key={quote(job.key)}", f"+logger.tags.study_arm={quote(job.arm.name)}",
         f"+logger.tags.study_parent={quote(parent_id)}",
+        *([f"+logger.tags.study_fold={job.fold}"] if job.fold else []),
         f"hydra.run.dir={quote(run_dir / slug)}",
     ]  # fmt: skip
 
@@ -384,10 +448,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
     parser.add_argument("run_id", help="MLflow run id (or a unique prefix) of a pretraining run with budget checkpoints")
     parser.add_argument("settings", nargs="*", metavar="key=value",
-                        help="tasks= budgets= seeds= lrs= arms= scratch= extra_args= out_dir= dry_run= jobs=")  # fmt: skip
+                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= extra_args= out_dir= dry_run= jobs=")  # fmt: skip
     args = parser.parse_args(argv)
     known = {"tasks": None, "budgets": "all", "seeds": "3", "lrs": "3e-4,1e-3", "arms": "", "scratch": "true",
-             "extra_args": "", "out_dir": None, "dry_run": "false", "jobs": "1"}  # fmt: skip
+             "extra_args": "", "out_dir": None, "dry_run": "false", "jobs": "1", "folds": "1"}  # fmt: skip
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -415,12 +479,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         out_dir=known["out_dir"],
         dry_run=known["dry_run"].lower() in ("1", "true", "yes"),
         jobs=int(known["jobs"]),
+        folds=int(known["folds"]),
         command="python -m tasks.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     )  # fmt: skip
     if not ns.seeds or not ns.lrs:
         parser.error("seeds and lrs must name at least one value")
     if ns.jobs < 1:
         parser.error(f"jobs={ns.jobs}: run at least one fine-tuning run at a time")
+    if ns.folds < 1:
+        parser.error(f"folds={ns.folds}: 1 is the task's own split, N > 1 rotates it N times")
     return ns
 
 
@@ -465,14 +532,19 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
 
     recipe = recipe_overrides(args.extra_args)
     versions = {task: cfg.task.get("data_version") for task, cfg in configs.items()}
-    jobs = plan_jobs(args.tasks, arms, args.seeds, args.lrs, recipe, versions)
+    splits = {task: fold_splits(cfg.task.data.get("split"), args.folds, task) for task, cfg in configs.items()}
+    jobs = plan_jobs(args.tasks, arms, args.seeds, args.lrs, recipe, versions, splits)
     spec = {"pretrain_run": args.run_id, "tasks": args.tasks, "arms": [a.name for a in arms], "seeds": args.seeds,
             "lrs": args.lrs, "recipe": recipe, "data_versions": versions}  # fmt: skip
-    print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs x "
+    if args.folds > 1:  # only then: a one-fold study keeps the spec (and so the parent run) it always had
+        spec["folds"] = args.folds
+    folds = f" x {args.folds} folds" if args.folds > 1 else ""
+    print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs{folds} x "
           f"{len(args.seeds)} seeds = {len(jobs)} fine-tuning runs")  # fmt: skip
     if args.dry_run:
         for job in jobs:
-            print(f"  {job.key}  {job.task:6s} {job.arm.name:24s} seed {job.seed} lr {job.lr:g}")
+            fold = f" fold {job.fold}" if args.folds > 1 else ""
+            print(f"  {job.key}  {job.task:6s} {job.arm.name:24s} seed {job.seed} lr {job.lr:g}{fold}")
         return {"launched": 0, "reused": 0, "failed": [], "jobs": jobs}
 
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
@@ -484,7 +556,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     launched, reused, failed, found = 0, 0, [], {}
     todo = []
     for i, job in enumerate(jobs, 1):
-        label = f"[{i}/{len(jobs)}] {job.task} {job.arm.name} seed {job.seed} lr {job.lr:g}"
+        fold = f" fold {job.fold}" if args.folds > 1 else ""
+        label = f"[{i}/{len(jobs)}] {job.task} {job.arm.name} seed {job.seed} lr {job.lr:g}{fold}"
         run = finished_run(client, experiment_id, job.key)
         if run is not None:
             reused += 1
@@ -530,6 +603,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "study run": f"`{parent_id}` (experiment `{EXPERIMENT}`)",
         "seeds": ", ".join(map(str, args.seeds)),
         "learning rates": ", ".join(f"{lr:g}" for lr in args.lrs),
+        **({"folds": f"{args.folds} (each task's split rotated; fold 0 is its own)"} if args.folds > 1 else {}),
         "recipe overrides": f"`{' '.join(recipe)}`" if recipe else "none (each task's standard recipe)",
         "command": f"`{args.command}`",
     }
@@ -557,7 +631,7 @@ def tabulate(client, jobs: Sequence[Job], arms: Sequence[Arm], found: Mapping[st
         for task, cfg in configs.items():
             monitor, mode = cfg.task.monitor, cfg.task.get("monitor_mode", "max")
             metric = TEST_METRIC.get(task, f"test/{str(monitor).split('/', 1)[-1]}")
-            per_lr: dict[float, list[tuple[float, float]]] = {}
+            per_lr: dict[float, list[tuple[float, float, int]]] = {}
             for job in jobs:
                 if job.arm != arm or job.task != task:
                     continue
@@ -567,11 +641,16 @@ def tabulate(client, jobs: Sequence[Job], arms: Sequence[Arm], found: Mapping[st
                     continue
                 val = val_score(client, run, monitor, mode)
                 if val is not None:
-                    per_lr[job.lr].append((val, float(run.data.metrics[metric])))
+                    per_lr[job.lr].append((val, float(run.data.metrics[metric]), job.fold))
             cell = choose(per_lr, mode)
             if cell is not None:
                 row.cells[task] = cell
         rows.append(row)
+    scratch = next((r for r in rows if r.kind == "scratch"), None)
+    for row in rows:
+        for task, cell in row.cells.items():
+            if scratch is not None and row is not scratch and task in scratch.cells:
+                cell.gain = paired_gain(cell, scratch.cells[task])
     return rows
 
 

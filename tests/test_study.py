@@ -15,8 +15,12 @@ from tasks.study import (
     Cell,
     Row,
     choose,
+    fold_splits,
+    format_cell,
     format_markdown,
+    paired_gain,
     parse_args,
+    plan_jobs,
     recipe_overrides,
     study_key,
     time_left_note,
@@ -58,6 +62,79 @@ def test_lr_choice_by_mean_val_and_test_spread():
     assert choose({1e-3: []}, "max") is None  # every run of the arm failed
 
 
+def test_folds_rotate_the_split_so_each_residue_is_tested_once():
+    topic = {"modulus": 10, "test_mod": 0, "val_mod": 1}
+    assert fold_splits(topic, 1) == [()]
+    folds = fold_splits(topic, 5)
+    assert folds[0] == ()  # the task's own split: its runs are the ordinary study's
+    assert folds[1] == ("task.data.split.test_mod=2", "task.data.split.val_mod=3")
+    tests = [0] + [int(f[0].rsplit("=", 1)[1]) for f in folds[1:]]
+    vals = [1] + [int(f[1].rsplit("=", 1)[1]) for f in folds[1:]]
+    assert tests == [0, 2, 4, 6, 8] and vals == [1, 3, 5, 7, 9]  # disjoint test sets; val never the fold's test
+    sts = fold_splits({"modulus": 5, "test_mod": 0, "val_mod": 1}, 5)
+    assert sts[4] == ("task.data.split.test_mod=4", "task.data.split.val_mod=0")  # wraps around
+    with pytest.raises(SystemExit, match="multiple"):
+        fold_splits(topic, 3)
+    with pytest.raises(SystemExit, match="modulus"):
+        fold_splits(None, 5, "mytask")
+
+
+def test_every_task_can_be_studied_in_five_folds():
+    from tasks.study import ALL_TASKS, compose
+
+    for task in ALL_TASKS:
+        split = compose(task, []).task.data.split
+        folds = fold_splits(split, 5, task)
+        assert len(folds) == 5 and len(set(folds)) == 5, task
+
+
+def test_a_fold_run_is_keyed_like_the_same_overrides_given_by_hand():
+    from tasks.study import Arm
+
+    arm = Arm("step 1000", "budget", ("pretrained=x",), tuple(ARM.items()), 1000)
+    recipe = ["trainer.max_epochs=6"]
+    splits = {"topic": fold_splits({"modulus": 10, "test_mod": 0, "val_mod": 1}, 5)}
+    jobs = plan_jobs(["topic"], [arm], [0, 1], [1e-3], recipe, {"topic": None}, splits)
+    assert len(jobs) == 10 and len({j.key for j in jobs}) == 10
+    fold0 = [j for j in jobs if j.fold == 0 and j.seed == 0][0]
+    assert fold0.key == study_key("topic", ARM, 0, 1e-3, recipe)  # an ordinary study's run is reused
+    fold2 = [j for j in jobs if j.fold == 2 and j.seed == 1][0]
+    by_hand = recipe + ["task.data.split.test_mod=4", "task.data.split.val_mod=5"]
+    assert fold2.key == study_key("topic", ARM, 1, 1e-3, by_hand)
+
+
+def test_a_fold_run_gets_its_split_its_own_folder_and_a_tag(tmp_path):
+    from tasks.study import Arm, child_command
+
+    arm = Arm("step 1000", "budget", ("pretrained=x",), tuple(ARM.items()), 1000)
+    splits = {"topic": fold_splits({"modulus": 10, "test_mod": 0, "val_mod": 1}, 5)}
+    fold0, fold3 = [j for j in plan_jobs(["topic"], [arm], [0], [1e-3], [], None, splits) if j.fold in (0, 3)]
+    cmd0, cmd3 = (child_command(j, "parent", ["trainer.max_epochs=6"], tmp_path) for j in (fold0, fold3))
+    assert "task.data.split.test_mod=6" in cmd3 and "task.data.split.val_mod=7" in cmd3
+    assert "+logger.tags.study_fold=3" in cmd3
+    assert not any("task.data.split" in a or "study_fold" in a for a in cmd0)  # fold 0: the ordinary study's command
+    dirs = {a for a in cmd0 + cmd3 if a.startswith("hydra.run.dir=")}
+    assert len(dirs) == 2  # side by side, two folds never share a run folder
+
+
+def test_with_folds_the_spread_is_over_folds_and_the_gain_is_paired():
+    # fold 1's test set is hard for both arms: unpaired, the spreads overlap; paired, the arm is ahead on every fold
+    scratch = choose({1e-3: [(0.5, 0.40, 0), (0.5, 0.42, 0), (0.5, 0.20, 1), (0.5, 0.22, 1), (0.5, 0.31, 2)]}, "max")
+    assert scratch.per_fold == pytest.approx({0: 0.41, 1: 0.21, 2: 0.31})
+    assert scratch.mean == pytest.approx(statistics.mean([0.41, 0.21, 0.31]))
+    assert scratch.std == pytest.approx(statistics.stdev([0.41, 0.21, 0.31]))  # over folds, not runs
+    arm = choose({3e-4: [(0.6, 0.45, 0), (0.6, 0.24, 1), (0.6, 0.33, 2)]}, "max")
+    mean, std, ahead, total = paired_gain(arm, scratch)
+    assert mean == pytest.approx(statistics.mean([0.04, 0.03, 0.02]))
+    assert std == pytest.approx(statistics.stdev([0.04, 0.03, 0.02]))
+    assert (ahead, total) == (3, 3)
+    assert arm.mean - arm.std < scratch.mean + scratch.std  # what the unpaired spreads would have said
+    arm.gain = (mean, std, ahead, total)
+    assert format_cell(arm) == "0.340 ± 0.105 (n=3, 3 folds, lr 0.0003); vs scratch +0.030 ± 0.010, ahead 3/3"
+    one_fold = choose({1e-3: [(0.5, 0.4, 0), (0.5, 0.5, 0)]}, "max")
+    assert one_fold.per_fold == {} and paired_gain(one_fold, scratch) is None
+
+
 def test_study_md_has_one_row_per_arm():
     rows = [
         Row("scratch", "scratch", 0.0, 0, 0, {"ner": Cell(0.5, 0.01, 3, 1e-3, 0.52)}),
@@ -79,6 +156,9 @@ def test_arguments():
     assert args.seeds == [0, 1, 2] and args.lrs == [1e-3, 3e-4] and args.tasks == ["ner"]
     assert args.extra_args == ["debug=fdr", "trainer.max_epochs=2"] and args.budgets is None
     assert parse_args(["0123", "seeds=7,9", "budgets=10,20"]).seeds == [7, 9]
+    assert args.folds == 1 and parse_args(["0123", "folds=5"]).folds == 5
+    with pytest.raises(SystemExit):
+        parse_args(["0123", "folds=0"])
     with pytest.raises(SystemExit):
         parse_args(["0123", "epochs=3"])
     with pytest.raises(SystemExit):
@@ -201,6 +281,14 @@ def test_search_gains_are_against_the_same_studys_scratch():
     assert "+0.090 (test +0.100* ± 0.020)" in text and "+0.020 ± 0.050" in text
     with pytest.raises(ValueError, match="no scratch arm"):
         gains({"rows": study["rows"][1:]}, ["ner"])
+
+
+def test_search_never_takes_a_fold_study_for_a_one_split_study():
+    from tasks.search import _recipe_of
+
+    one = {"recipe": ["trainer.max_epochs=6"]}
+    assert _recipe_of(one) == "trainer.max_epochs=6" and _recipe_of({}) == "task defaults"
+    assert _recipe_of({**one, "folds": 5}) != _recipe_of(one)  # other test sets: not the same scratch baseline
 
 
 def test_search_leaves_out_tasks_studied_on_older_data():
