@@ -333,8 +333,9 @@ def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -
         curve = sorted(points, key=lambda point: point[0])  # by x only: Cells do not order
         if curve:
             xs = [m for m, _, _ in curve]
+            over = "folds" if any(c.per_fold for _, c, _ in curve) else "seeds"
             ax.errorbar(xs, [c.mean for _, c, _ in curve], yerr=[c.std or 0.0 for _, c, _ in curve], marker="o",
-                        capsize=3, label="this run (0 = scratch)")  # fmt: skip
+                        capsize=3, label=f"this run (0 = scratch); bars: std over {over}")  # fmt: skip
             # minutes depend on the machine (and on what else ran on it); the steps say how far training got
             for x, cell, steps in curve:
                 if steps:
