@@ -73,10 +73,21 @@ class BertForSequenceClassification(nn.Module):
             pooled = masked_mean(sequence, attention_mask)
         return self.classifier(self.dropout(pooled))
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE (regression) or cross-entropy; `weight` (num_labels,) per class, as `F.cross_entropy`'s (its
+        weighted mean divides by the summed weights of the batch's labels)."""
         if self.num_labels == 1:
             return F.mse_loss(logits.float().squeeze(-1), labels.float())
-        return F.cross_entropy(logits.float(), labels)
+        return F.cross_entropy(logits.float(), labels, weight=None if weight is None else weight.to(logits.device))
+
+
+def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """scikit-learn's `class_weight="balanced"`: n_samples / (n_classes * count), so every class carries the
+    same total weight in the training loss (what macro F1 rewards). A class absent from training gets 0 and
+    is not counted in n_classes (scikit-learn refuses it)."""
+    counts = counts.double()
+    weights = counts.sum() / (int((counts > 0).sum()) * counts.clamp(min=1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights)).float()
 
 
 FORBIDDEN = -1.0e4  # added to a forbidden move's score: no path through it can win against an allowed one

@@ -228,6 +228,15 @@ class SentenceDataModule(TaskDataModule):
     def split(self, examples: list[SentenceExample]) -> dict[str, list[SentenceExample]]:
         return split_by_index(examples, **self.split_spec)
 
+    def label_counts(self, split: str = "train") -> torch.Tensor:
+        """(num_labels,) examples per class in a split, after `setup` (class-weighted losses need them)."""
+        if not self.labels:
+            raise ValueError(f"{type(self).__name__}: a regression task has no classes to count")
+        if split not in self.datasets:
+            raise ValueError(f"{type(self).__name__}: no {split!r} split yet; call setup() first")
+        ids = torch.tensor([int(item["labels"]) for item in self.datasets[split].items], dtype=torch.long)
+        return torch.bincount(ids, minlength=len(self.labels))
+
     def prepare_data(self) -> None:
         self.paths = [fetch(f["name"], f.get("url"), f.get("sha256"), self.data_dir, self.mirror) for f in self.files]
 

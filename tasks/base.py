@@ -18,12 +18,13 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from bert.heads import BertForSequenceClassification
+from bert.heads import BertForSequenceClassification, balanced_class_weights
 from bert.metrics import char_confusion, classification_scores, sts_scores
 from bert.model import BertConfig, load_state_dict_checked
 from tasks.interval import IntervalMeans, log_due
 from tasks.optim import build_optimizer
 
+CLASS_WEIGHTS = ("none", "balanced")
 Reduce = Callable[[torch.Tensor], torch.Tensor]  # sum over ranks
 Gather = Callable[[torch.Tensor], list[torch.Tensor]]  # every rank's tensor
 
@@ -211,12 +212,18 @@ class FinetuneModule(TaskModule):
         max_seq_len: int = 128,
         label_keys: Sequence[str] | None = None,
         pooling: str = "cls",
+        class_weights: str = "none",
     ) -> None:
         label_keys = None if label_keys is None else [str(key) for key in label_keys]
+        if class_weights not in CLASS_WEIGHTS:
+            raise ValueError(f"class_weights must be one of {CLASS_WEIGHTS}, got {class_weights!r}")
+        if class_weights != "none" and not labels:
+            raise ValueError("class_weights needs classes; a regression task (no labels) has none")
         super().__init__(
             task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
-                         label_keys=label_keys, pooling=str(pooling))
+                         label_keys=label_keys, pooling=str(pooling), class_weights=str(class_weights))
         )  # fmt: skip
+        self.class_weight: torch.Tensor | None = None  # the training loss's, set in setup("fit")
         self.task = str(task)
         self.labels = list(self.hparams.labels)
         num_labels = len(self.labels) or 1
@@ -228,11 +235,26 @@ class FinetuneModule(TaskModule):
     def is_regression(self) -> bool:
         return not self.labels
 
+    def setup(self, stage: str) -> None:
+        """`class_weights="balanced"`: weight the training loss by the train split's class counts (macro F1
+        scores every class alike; plain cross-entropy learns the frequent ones). Val and test losses stay
+        unweighted, so their curves compare across runs."""
+        if stage != "fit" or self.hparams.get("class_weights", "none") == "none":
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None or not hasattr(datamodule, "label_counts"):
+            raise ValueError("class_weights=balanced needs a DataModule with label_counts() (SentenceDataModule)")
+        datamodule.setup("fit")
+        counts = datamodule.label_counts("train")
+        self.class_weight = balanced_class_weights(counts)
+        print("class weights (balanced, train counts): "
+              + ", ".join(f"{key} {w:.2f}" for key, w in zip(self.metrics.label_keys, self.class_weight.tolist())))
+
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._log_train_loss(self.model.loss(self(batch), batch["labels"]))
+        return self._log_train_loss(self.model.loss(self(batch), batch["labels"], self.class_weight))
 
     def _eval_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> None:
         logits = self(batch)

@@ -1,6 +1,6 @@
 """Lexical floors for the sentence tasks: what the same splits give without a network or pretraining.
 
-    python -m tasks.baselines [--tasks nli,sts,topic] [--seeds 3] [--lrs 0.01,0.1] [--epochs 15]
+    python -m tasks.baselines [--tasks nli,sts,topic] [--seeds 3] [--lrs 0.01,0.1] [--epochs 15] [--balanced]
 
 A fine-tuned BERT should clear these; when neither arm of a study does, the task is data-limited at this size
 rather than the checkpoint being bad, and a gain over scratch there means little. The references are the
@@ -10,6 +10,7 @@ classic ones, not ours:
   signal NLI annotation artifacts carry), the vocabulary taken from the train split only. Trained with AdamW on
   the train split for `epochs`, the epoch with the best val monitor kept (as fine-tuning keeps its best
   checkpoint), the lr chosen by mean val over seeds (as `tasks.study` does); test at that epoch and lr.
+  `--balanced` weights the loss by class as `task.class_weights=balanced` does (the floor for such runs).
 - regression (STS): no training at all, the Jaccard similarity of the two texts' character sets.
 Texts are cut to `max_chars` characters, about what BERT sees at 128 pieces, so the floor reads no more text.
 Splits, labels and metrics are the fine-tuning ones: the task's DataModule (conf/task/<task>.yaml) and
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 
+from bert.heads import balanced_class_weights
 from bert.metrics import char_confusion, classification_scores, pearson, spearman
 from tasks.study import choose, format_cell, summarize
 
@@ -68,8 +70,10 @@ def fit_logistic(
     epochs: int,
     seed: int,
     batch_size: int = 32,
+    balanced: bool = False,
 ) -> tuple[float, dict[str, float]]:
-    """Train on `train`; (best val monitor, test scores at that epoch). `monitor`: accuracy | f1_macro."""
+    """Train on `train`; (best val monitor, test scores at that epoch). `monitor`: accuracy | f1_macro.
+    `balanced`: class-weighted cross-entropy (`bert.heads.balanced_class_weights` of the train counts)."""
     vocab = {"": 0}
     for row in splits["train"][0]:
         for f in row:
@@ -81,6 +85,7 @@ def fit_logistic(
     bias = torch.nn.Parameter(torch.zeros(num_labels))
     opt = torch.optim.AdamW([bag.weight, bias], lr=lr, weight_decay=0.0)
     train_rows, train_labels = splits["train"][0], splits["train"][1]
+    weight = balanced_class_weights(torch.bincount(train_labels, minlength=num_labels)) if balanced else None
 
     def scores(name: str) -> dict[str, float]:
         (ids, offsets), labels = encoded[name]
@@ -95,7 +100,7 @@ def fit_logistic(
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             ids, offsets = encode([train_rows[i] for i in batch], vocab)
-            loss = torch.nn.functional.cross_entropy(bag(ids, offsets) + bias, train_labels[batch])
+            loss = torch.nn.functional.cross_entropy(bag(ids, offsets) + bias, train_labels[batch], weight=weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -117,7 +122,9 @@ def task_splits(task: str):
     return cfg, data.split(data.read(data.paths))
 
 
-def run_task(task: str, seeds: Sequence[int], lrs: Sequence[float], epochs: int, max_chars: int) -> list[str]:
+def run_task(
+    task: str, seeds: Sequence[int], lrs: Sequence[float], epochs: int, max_chars: int, balanced: bool = False
+) -> list[str]:
     """Markdown rows `| task | reference | metric | val | test |` for one task."""
     cfg, splits = task_splits(task)
     sizes = "/".join(str(len(splits[s])) for s in ("train", "val", "test"))
@@ -143,11 +150,11 @@ def run_task(task: str, seeds: Sequence[int], lrs: Sequence[float], epochs: int,
     other: dict[float, list[dict[str, float]]] = {}
     for lr in lrs:
         for seed in seeds:
-            val, test = fit_logistic(feats, len(labels), monitor, lr, epochs, seed)
+            val, test = fit_logistic(feats, len(labels), monitor, lr, epochs, seed, balanced=balanced)
             results.setdefault(lr, []).append((val, test[monitor]))
             other.setdefault(lr, []).append(test)
     cell = choose(results, "max")
-    name = f"char 1-3-gram logistic regression ({sizes})"
+    name = f"char 1-3-gram logistic regression{', balanced classes' if balanced else ''} ({sizes})"
     lines = [f"| {task} | {name} | {monitor} | {cell.val:.3f} | {format_cell(cell)} |"]
     for metric in ("accuracy", "f1_macro"):
         if metric != monitor:
@@ -163,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lrs", default="0.01,0.1")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--max-chars", type=int, default=256)
+    parser.add_argument("--balanced", action="store_true", help="class-weighted loss (task.class_weights=balanced)")
     args = parser.parse_args(argv)
     tasks = [t for t in args.tasks.split(",") if t]
     unknown = [t for t in tasks if t not in SENTENCE_TASKS]
@@ -172,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     lines = ["| task | reference (train/val/test) | metric | val | test |", "|---|---|---|---:|---|"]
     for task in tasks:
         lines += run_task(task, range(args.seeds), [float(x) for x in args.lrs.split(",")], args.epochs,
-                          args.max_chars)  # fmt: skip
+                          args.max_chars, args.balanced)  # fmt: skip
         print(f"{task}: done", file=sys.stderr, flush=True)
     print("\n".join(lines))
     return 0

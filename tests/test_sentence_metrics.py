@@ -186,3 +186,36 @@ def test_label_keys_are_ascii_metric_names():
         label_keys_for(["a", "b"], ["x"])
     with pytest.raises(ValueError, match="ASCII"):
         label_keys_for(["a"], ["육아"])
+
+
+def test_balanced_class_weights_match_scikit_learn():
+    """`task.class_weights=balanced` is scikit-learn's `class_weight="balanced"`: every class then carries the
+    same total weight in the loss. A class missing from training gets 0 (sklearn refuses it)."""
+    from sklearn.utils.class_weight import compute_class_weight
+
+    from bert.heads import balanced_class_weights
+
+    y = np.array([0] * 50 + [1] * 7 + [2] * 3 + [3])
+    counts = torch.bincount(torch.from_numpy(y), minlength=4)
+    ours = balanced_class_weights(counts)
+    ref = compute_class_weight("balanced", classes=np.arange(4), y=y)
+    assert ours.tolist() == pytest.approx(ref.tolist(), rel=1e-6)
+    totals = ours * counts.float()
+    assert torch.allclose(totals, totals[0].expand(4))  # equal weight per class
+    absent = balanced_class_weights(torch.tensor([4, 0, 4]))
+    assert absent[1] == 0 and absent[0] == absent[2] == pytest.approx(1.0)  # 8 / (2 * 4)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_example_losses():
+    """The head's weighted loss = sum_i w[y_i] * ce_i / sum_i w[y_i] (torch's convention), not a plain mean."""
+    from bert.heads import BertForSequenceClassification
+    from bert.model import BertConfig
+
+    head = BertForSequenceClassification(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=16), num_labels=3)  # fmt: skip
+    logits, labels = torch.randn(6, 3), torch.tensor([0, 0, 0, 0, 1, 2])
+    weight = torch.tensor([0.5, 2.0, 2.0])
+    per_example = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    expected = (weight[labels] * per_example).sum() / weight[labels].sum()
+    assert head.loss(logits, labels, weight) == pytest.approx(float(expected), rel=1e-6)
+    assert head.loss(logits, labels) == pytest.approx(float(per_example.mean()), rel=1e-6)

@@ -80,6 +80,27 @@ def test_mean_pooling_runs_from_a_pretraining_checkpoint(tiny, tmp_path):
     assert "model.bert.pooler.dense.weight" in pretrained  # dropped on load, not missing
 
 
+def test_balanced_class_weights_weight_the_training_loss(tiny, tmp_path, capsys):
+    """`task.class_weights=balanced` on topic: the weights come from the train split's counts (the rarest class
+    weighs most), are recorded in the checkpoint's hparams, and a regression task refuses them."""
+    _, ckpt = tiny
+    run_finetune_inprocess(tmp_path, ["task=topic", "debug=fdr", f"pretrained={ckpt}", "task.class_weights=balanced"])
+    _, (run,) = runs(tmp_path, "finetune-topic")
+    assert run.info.status == "FINISHED" and "test/f1_macro" in run.data.metrics
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("class weights (balanced"))
+    weights = dict(item.rsplit(" ", 1) for item in line.split(": ", 1)[1].split(", "))
+    assert float(weights["childcare_education"]) < 1 < float(weights["growth_engines"])  # most vs least frequent
+    artifacts = Path(run.info.artifact_uri.removeprefix("file://"))
+    saved = torch.load(artifacts / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert saved["hyper_parameters"]["class_weights"] == "balanced"
+
+    from tasks.base import FinetuneModule
+
+    with pytest.raises(ValueError, match="regression"):
+        FinetuneModule("sts", {"vocab_size": 20}, [], {}, class_weights="balanced")
+
+
 def test_scratch_and_resume_continue_the_same_run(tiny, tmp_path):
     _, ckpt = tiny
     run_finetune_inprocess(tmp_path, ["task=nli", "debug=fdr", "pretrained=null", f"scratch_like={ckpt}"])
