@@ -268,16 +268,20 @@ def human_tokens(n: int | None) -> str:
     return str(n)
 
 
-def format_cell(cell: Cell | None) -> str:
+def format_cell(cell: Cell | None, lines: bool = False) -> str:
+    """One line for study.md; `lines=True` puts the score, its runs and the gain on lines of their own, so the
+    terminal table keeps each column narrow instead of wrapping a long cell mid-phrase."""
     if cell is None:
         return "–"
     spread = f" ± {cell.std:.3f}" if cell.std is not None else ""
     folds = f", {len(cell.per_fold)} folds" if cell.per_fold else ""
-    text = f"{cell.mean:.3f}{spread} (n={cell.n}{folds}, lr {cell.lr:g})"
+    parts = [f"{cell.mean:.3f}{spread}", f"(n={cell.n}{folds}, lr {cell.lr:g})"]
     if cell.gain is not None:
         mean, std, ahead, total = cell.gain
-        text += f"; vs scratch {mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f", ahead {ahead}/{total}"
-    return text
+        parts.append(f"vs scratch {mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f", ahead {ahead}/{total}")
+    if lines:
+        return "\n".join(parts)
+    return f"{parts[0]} {parts[1]}" + "".join(f"; {part}" for part in parts[2:])
 
 
 def row_label(row: Row) -> tuple[str, str, str]:
@@ -309,13 +313,13 @@ def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, show_lines=True)  # cells span lines: a rule between rows keeps arms apart
     for name in ("arm", "minutes", "steps", "tokens"):
         table.add_column(name, justify="left" if name == "arm" else "right")
     for task in tasks:
         table.add_column(f"{task}\n{TEST_METRIC.get(task, 'test')}", justify="right")
     for row in rows:
-        table.add_row(row.arm, *row_label(row), *(format_cell(row.cells.get(t)) for t in tasks))
+        table.add_row(row.arm, *row_label(row), *(format_cell(row.cells.get(t), lines=True) for t in tasks))
     Console().print(table)
 
 

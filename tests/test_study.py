@@ -131,6 +131,10 @@ def test_with_folds_the_spread_is_over_folds_and_the_gain_is_paired():
     assert arm.mean - arm.std < scratch.mean + scratch.std  # what the unpaired spreads would have said
     arm.gain = (mean, std, ahead, total)
     assert format_cell(arm) == "0.340 ± 0.105 (n=3, 3 folds, lr 0.0003); vs scratch +0.030 ± 0.010, ahead 3/3"
+    # the terminal table: the same parts, one per line, so an 80-column terminal does not wrap them mid-phrase
+    assert format_cell(arm, lines=True).split("\n") == [
+        "0.340 ± 0.105", "(n=3, 3 folds, lr 0.0003)", "vs scratch +0.030 ± 0.010, ahead 3/3"]
+    assert max(len(line) for line in format_cell(arm, lines=True).split("\n")) < 40
     one_fold = choose({1e-3: [(0.5, 0.4, 0), (0.5, 0.5, 0)]}, "max")
     assert one_fold.per_fold == {} and paired_gain(one_fold, scratch) is None
 
