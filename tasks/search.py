@@ -202,6 +202,8 @@ def _recipe_of(spec: Mapping[str, Any]) -> str:
     """A fold study's cells average other test sets than a one-split study's: its recipe says so, so the two
     never stand in for each other's scratch arm."""
     recipe = " ".join(spec.get("recipe") or []) or "task defaults"
+    if spec.get("scratch_recipe"):  # scratch at its own overrides: not the same scratch as the plain recipe's
+        recipe += " scratch:" + " ".join(spec["scratch_recipe"])
     return f"{recipe} folds={spec['folds']}" if spec.get("folds", 1) > 1 else recipe
 
 

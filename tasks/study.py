@@ -2,7 +2,7 @@
 
     python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|none|1000,3500]
         [seeds=3] [lrs=3e-4,1e-3] [folds=1] [arms=hf:<folder>,...] [scratch=true]
-        [extra_args="trainer.max_epochs=6"] [out_dir=...] [dry_run=false] [jobs=1]
+        [extra_args="trainer.max_epochs=6"] [scratch_args="task.pooling=mean"] [out_dir=...] [dry_run=false] [jobs=1]
 
 Arms: scratch (random init, same shape and tokenizer: the 0-minute point; keyed by shape and tokenizer, so
 studies of same-shaped runs share it; `budgets=none` runs it alone), each budget checkpoint the run kept
@@ -11,7 +11,9 @@ BERT as a named row. Each arm is fine-tuned on each task with the task's standar
 + conf/finetune.yaml + `extra_args`) at every learning rate in `lrs` and every seed; per arm and task, the
 learning rate with the best mean validation monitor over seeds is chosen, and its test metric is reported as
 mean ± sample std over seeds. A researcher would choose the learning rate the same way for each arm, so a
-pretrained checkpoint and a random init are each compared at their own best one: they differ.
+pretrained checkpoint and a random init are each compared at their own best one: they differ. Where scratch's
+best recipe differs in more than the lr (a random [CLS] that never trains: mean pooling), `scratch_args` gives
+the scratch arm its own overrides.
 
 `folds=N` (N > 1) rotates each task's split N times (test_mod and val_mod move by modulus / N), so every example
 is tested once in N folds rather than one fixed test split deciding the comparison: on a few hundred test
@@ -72,6 +74,7 @@ class Arm:
     step: int | None = None
     tokens: int | None = None
     minutes: float | None = None
+    recipe: tuple[str, ...] = ()  # overrides for this arm only, after extra_args (scratch_args=)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,17 @@ class Job:
 def recipe_overrides(extra_args: Sequence[str]) -> list[str]:
     """The overrides that change a result (not where files go)."""
     return [a for a in extra_args if not a.startswith(NOT_RECIPE)]
+
+
+def override_key(override: str) -> str:
+    return override.partition("=")[0].lstrip("+~")
+
+
+def merge_overrides(base: Sequence[str], arm: Sequence[str]) -> list[str]:
+    """`base` with an arm's own overrides after it; an arm's override of a key `base` sets replaces that entry
+    (Hydra refuses one key twice), so a scratch arm at its own recipe is the run those overrides make by hand."""
+    keys = {override_key(o) for o in arm}
+    return [o for o in base if override_key(o) not in keys] + list(arm)
 
 
 def study_key(task: str, arm_identity: Mapping[str, Any], seed: int, lr: float, recipe: Sequence[str],
@@ -144,9 +158,11 @@ def scratch_identity(like: Path) -> tuple[tuple[str, Any], ...]:
             ("tokenizer", tuple((f.name, file_sha256(f)) for f in files)))  # fmt: skip
 
 
-def scratch_arm(like: Path) -> Arm:
+def scratch_arm(like: Path, recipe: Sequence[str] = ()) -> Arm:
+    """`recipe`: overrides for scratch only (`scratch_args=`), e.g. mean pooling where [CLS] cannot train."""
     identity = scratch_identity(like)
-    return Arm("scratch", "scratch", ("pretrained=null", f"scratch_like={quote(like)}"), identity, 0, 0, 0.0)
+    return Arm("scratch", "scratch", ("pretrained=null", f"scratch_like={quote(like)}"), identity, 0, 0, 0.0,
+               tuple(recipe))  # fmt: skip
 
 
 def hf_arm(ref: str) -> Arm:
@@ -181,12 +197,14 @@ def fold_splits(split: Mapping[str, Any] | None, folds: int, task: str = "task")
 def plan_jobs(tasks: Sequence[str], arms: Sequence[Arm], seeds: Sequence[int], lrs: Sequence[float],
               recipe: Sequence[str], data_versions: Mapping[str, int | None] | None = None,
               splits: Mapping[str, Sequence[tuple[str, ...]]] | None = None) -> list[Job]:  # fmt: skip
-    """Every (task, arm, lr, fold, seed). A fold's split overrides join the recipe in the key: a fold run is
-    the same run as one made by hand with those overrides in extra_args."""
+    """Every (task, arm, lr, fold, seed). An arm's own overrides and a fold's split join the recipe in the key:
+    such a run is the same run as one made by hand with those overrides in extra_args."""
     versions, splits = data_versions or {}, splits or {}
     return [
         Job(task, arm, seed, lr,
-            study_key(task, dict(arm.identity), seed, lr, [*recipe, *split], versions.get(task)), fold, split)
+            study_key(task, dict(arm.identity), seed, lr,
+                      [*merge_overrides(recipe, recipe_overrides(arm.recipe)), *split], versions.get(task)),
+            fold, split)
         for task in tasks
         for arm in arms
         for lr in lrs
@@ -425,7 +443,8 @@ def child_command(job: Job, parent_id: str, extra_args: Sequence[str], run_dir: 
     slug = f"{job.task}-{job.arm.name.replace(' ', '').replace(':', '-').replace('/', '-')}-s{job.seed}-lr{job.lr:g}"
     slug += f"-fold{job.fold}" if job.fold else ""
     return [
-        sys.executable, str(ROOT / "run_finetune.py"), f"task={job.task}", *extra_args, *job.split, *job.arm.overrides,
+        sys.executable, str(ROOT / "run_finetune.py"), f"task={job.task}", *merge_overrides(extra_args, job.arm.recipe),
+        *job.split, *job.arm.overrides,
         f"seed={job.seed}", f"optim.lr={job.lr}", f"logger.experiment_name={EXPERIMENT}",
         f"logger.parent_run_id={quote(parent_id)}", f"logger.run_name={quote(slug)}",
         f"+logger.tags.study_key={quote(job.key)}", f"+logger.tags.study_arm={quote(job.arm.name)}",
@@ -453,10 +472,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
     parser.add_argument("run_id", help="MLflow run id (or a unique prefix) of a pretraining run with budget checkpoints")
     parser.add_argument("settings", nargs="*", metavar="key=value",
-                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= extra_args= out_dir= dry_run= jobs=")  # fmt: skip
+                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= extra_args= scratch_args= out_dir= "
+                             "dry_run= jobs=")  # fmt: skip
     args = parser.parse_args(argv)
     known = {"tasks": None, "budgets": "all", "seeds": "3", "lrs": "3e-4,1e-3", "arms": "", "scratch": "true",
-             "extra_args": "", "out_dir": None, "dry_run": "false", "jobs": "1", "folds": "1"}  # fmt: skip
+             "extra_args": "", "scratch_args": "", "out_dir": None, "dry_run": "false", "jobs": "1",
+             "folds": "1"}  # fmt: skip
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -481,6 +502,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         arms=split(known["arms"]),
         scratch=known["scratch"].lower() in ("1", "true", "yes"),
         extra_args=shlex.split(known["extra_args"]),
+        scratch_args=shlex.split(known["scratch_args"]),
         out_dir=known["out_dir"],
         dry_run=known["dry_run"].lower() in ("1", "true", "yes"),
         jobs=int(known["jobs"]),
@@ -491,6 +513,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("seeds and lrs must name at least one value")
     if ns.jobs < 1:
         parser.error(f"jobs={ns.jobs}: run at least one fine-tuning run at a time")
+    if ns.scratch_args and not ns.scratch:
+        parser.error("scratch_args= applies to the scratch arm, and scratch=false leaves it out")
+    per_run = [o for o in ns.scratch_args if override_key(o) in ("optim.lr", "seed", "task", "pretrained", "scratch_like")]
+    if per_run:
+        parser.error(f"scratch_args={' '.join(per_run)}: the study sets these per run (lrs=, seeds=, tasks=)")
     if ns.folds < 1:
         parser.error(f"folds={ns.folds}: 1 is the task's own split, N > 1 rotates it N times")
     return ns
@@ -531,7 +558,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         like = Path(like_from[0]["file"]) if like_from else None
         if like is None:
             raise SystemExit("the scratch arm copies shape and tokenizer from a budget checkpoint: none found")
-        arms.append(scratch_arm(like))
+        arms.append(scratch_arm(like, getattr(args, "scratch_args", [])))
     arms += budget_arms(budgets, args.run_id)
     arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}") for ref in args.arms]
 
@@ -543,6 +570,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             "lrs": args.lrs, "recipe": recipe, "data_versions": versions}  # fmt: skip
     if args.folds > 1:  # only then: a one-fold study keeps the spec (and so the parent run) it always had
         spec["folds"] = args.folds
+    scratch_recipe = recipe_overrides(getattr(args, "scratch_args", []))
+    if scratch_recipe:  # likewise: only a study with them has them in its spec
+        spec["scratch_recipe"] = scratch_recipe
     folds = f" x {args.folds} folds" if args.folds > 1 else ""
     print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs{folds} x "
           f"{len(args.seeds)} seeds = {len(jobs)} fine-tuning runs")  # fmt: skip
@@ -610,6 +640,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "learning rates": ", ".join(f"{lr:g}" for lr in args.lrs),
         **({"folds": f"{args.folds} (each task's split rotated; fold 0 is its own)"} if args.folds > 1 else {}),
         "recipe overrides": f"`{' '.join(recipe)}`" if recipe else "none (each task's standard recipe)",
+        **({"scratch's own overrides": f"`{' '.join(scratch_recipe)}`"} if scratch_recipe else {}),
         "command": f"`{args.command}`",
     }
     markdown = format_markdown(rows, args.tasks, header)

@@ -117,6 +117,30 @@ def test_a_fold_run_gets_its_split_its_own_folder_and_a_tag(tmp_path):
     assert len(dirs) == 2  # side by side, two folds never share a run folder
 
 
+def test_scratch_args_give_scratch_its_own_recipe_keyed_like_the_same_overrides_by_hand(tmp_path):
+    """`scratch_args=task.pooling=mean`: scratch's runs are those a scratch-only study with the overrides in
+    extra_args makes (so they are reused), the pretrained arm's are unchanged, and a key both set is scratch's."""
+    from tasks.study import Arm, child_command, merge_overrides
+
+    budget = Arm("step 1000", "budget", ("pretrained=x",), tuple(ARM.items()), 1000)
+    scratch_id = (("kind", "scratch"), ("shape", "{}"), ("tokenizer", ()))
+    scratch = Arm("scratch", "scratch", ("pretrained=null",), scratch_id, 0, 0, 0.0, ("task.pooling=mean",))
+    plain = ["trainer.max_epochs=5"]
+    s_job, b_job = plan_jobs(["nli"], [scratch, budget], [0], [3e-4], plain)
+    assert s_job.key == study_key("nli", dict(scratch_id), 0, 3e-4, ["trainer.max_epochs=5", "task.pooling=mean"])
+    assert b_job.key == study_key("nli", ARM, 0, 3e-4, plain)  # the pretrained arm: as without scratch_args
+    s_cmd, b_cmd = (child_command(j, "parent", plain, tmp_path) for j in (s_job, b_job))
+    assert "task.pooling=mean" in s_cmd and "task.pooling=mean" not in b_cmd
+    # a key set in both: scratch's value replaces the shared one (Hydra takes a key once)
+    assert merge_overrides(["trainer.max_epochs=5", "optim.head_lr_scale=10"], ["+optim.head_lr_scale=1"]) == [
+        "trainer.max_epochs=5", "+optim.head_lr_scale=1"]
+    args = parse_args(["0123", "extra_args=trainer.max_epochs=5", "scratch_args=task.pooling=mean trainer.max_epochs=6"])
+    assert args.scratch_args == ["task.pooling=mean", "trainer.max_epochs=6"]
+    for bad in (["scratch=false", "scratch_args=task.pooling=mean"], ["scratch_args=optim.lr=1e-3"]):
+        with pytest.raises(SystemExit):  # no scratch arm; a key the study sets per run (use lrs=)
+            parse_args(["0123", *bad])
+
+
 def test_with_folds_the_spread_is_over_folds_and_the_gain_is_paired():
     # fold 1's test set is hard for both arms: unpaired, the spreads overlap; paired, the arm is ahead on every fold
     scratch = choose({1e-3: [(0.5, 0.40, 0), (0.5, 0.42, 0), (0.5, 0.20, 1), (0.5, 0.22, 1), (0.5, 0.31, 2)]}, "max")
@@ -293,6 +317,8 @@ def test_search_never_takes_a_fold_study_for_a_one_split_study():
     one = {"recipe": ["trainer.max_epochs=6"]}
     assert _recipe_of(one) == "trainer.max_epochs=6" and _recipe_of({}) == "task defaults"
     assert _recipe_of({**one, "folds": 5}) != _recipe_of(one)  # other test sets: not the same scratch baseline
+    own = {**one, "scratch_recipe": ["task.pooling=mean"]}  # scratch at its own overrides: another baseline
+    assert _recipe_of(own) not in (_recipe_of(one), "trainer.max_epochs=6 task.pooling=mean")
 
 
 def test_search_leaves_out_tasks_studied_on_older_data():
