@@ -223,7 +223,9 @@ class FinetuneModule(TaskModule):
             task_hparams(task, model_config, labels, optim, tokenizer_dir, classifier_dropout, init_from, max_seq_len,
                          label_keys=label_keys, pooling=str(pooling), class_weights=str(class_weights))
         )  # fmt: skip
-        self.class_weight: torch.Tensor | None = None  # the training loss's, set in setup("fit")
+        # the training loss's class weights, set in setup("fit"); a buffer so it moves to the device with the
+        # model (no copy per step), not persistent so checkpoints do not change
+        self.register_buffer("class_weight", None, persistent=False)
         self.task = str(task)
         self.labels = list(self.hparams.labels)
         num_labels = len(self.labels) or 1
@@ -241,10 +243,9 @@ class FinetuneModule(TaskModule):
         unweighted, so their curves compare across runs."""
         if stage != "fit" or self.hparams.get("class_weights", "none") == "none":
             return
-        datamodule = getattr(self.trainer, "datamodule", None)
+        datamodule = getattr(self.trainer, "datamodule", None)  # Lightning has run its setup("fit") by now
         if datamodule is None or not hasattr(datamodule, "label_counts"):
             raise ValueError("class_weights=balanced needs a DataModule with label_counts() (SentenceDataModule)")
-        datamodule.setup("fit")
         counts = datamodule.label_counts("train")
         self.class_weight = balanced_class_weights(counts)
         print("class weights (balanced, train counts): "

@@ -558,7 +558,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         like = Path(like_from[0]["file"]) if like_from else None
         if like is None:
             raise SystemExit("the scratch arm copies shape and tokenizer from a budget checkpoint: none found")
-        arms.append(scratch_arm(like, getattr(args, "scratch_args", [])))
+        arms.append(scratch_arm(like, args.scratch_args))
     arms += budget_arms(budgets, args.run_id)
     arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}") for ref in args.arms]
 
@@ -570,7 +570,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             "lrs": args.lrs, "recipe": recipe, "data_versions": versions}  # fmt: skip
     if args.folds > 1:  # only then: a one-fold study keeps the spec (and so the parent run) it always had
         spec["folds"] = args.folds
-    scratch_recipe = recipe_overrides(getattr(args, "scratch_args", []))
+    scratch_recipe = recipe_overrides(args.scratch_args)
     if scratch_recipe:  # likewise: only a study with them has them in its spec
         spec["scratch_recipe"] = scratch_recipe
     folds = f" x {args.folds} folds" if args.folds > 1 else ""
