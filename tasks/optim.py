@@ -49,6 +49,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None =
         if per_group_lr:
             scale = float(layer_decay) ** (num_layers + 1 - depth) if layer_decay is not None else 1.0
             group["lr"] = float(lr) * scale * (float(head_lr_scale) if head else 1.0)
+            group["head"] = head
         group["params"].append(param)
     if not per_group_lr:  # the two groups of old, in their old order (checkpoints' optimizer states match)
         return [groups.get((0, False, flag), {"params": [], "weight_decay": 0.0 if flag else weight_decay})
@@ -153,14 +154,40 @@ def trainer_clock(trainer: Any) -> Callable[[], tuple[float, float] | None]:
     return clock
 
 
+def probe_then_finetune(optimizer: torch.optim.Optimizer, optim: Mapping[str, Any], total_steps: int,
+                        frozen: float, floor: float = 0.0,
+                        decay_fraction: float = 1.0) -> torch.optim.lr_scheduler.LambdaLR:  # fmt: skip
+    """LP-FT (Kumar et al. 2022): the encoder's lr is 0 for the first `frozen` share of the steps while the
+    head trains on its features (a linear probe, at the run's schedule), then the encoder gets a warmup and
+    decay of its own over the remaining steps. Fine-tuning everything from a random head moves the pretrained
+    features before the head is any good, and the features of classes with few examples move most."""
+    if not 0.0 < frozen < 1.0:
+        raise ValueError(f"optim.freeze_encoder_fraction={frozen}: the share of the steps with a frozen encoder, in [0, 1)")
+    if optim.get("time_keyed"):
+        raise ValueError("optim.freeze_encoder_fraction is step-keyed: it cannot be combined with optim.time_keyed")
+    start = int(frozen * total_steps)
+    head = linear_schedule(total_steps, warmup_steps_from(optim, total_steps), floor, None, decay_fraction)
+    encoder = linear_schedule(total_steps - start, warmup_steps_from(optim, total_steps - start), floor, None,
+                              decay_fraction)  # fmt: skip
+
+    def encoder_factor(step: int) -> float:
+        return 0.0 if step < start else encoder(step - start)
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [head if group.get("head") else encoder_factor for group in optimizer.param_groups]
+    )
+
+
 def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_steps: int,
                     trainer: Any = None) -> dict[str, Any]:  # fmt: skip
     """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the
     time budget when `optim.time_keyed`)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
+    # a frozen start needs the head in groups of its own (head_lr_scale 1 = the same lr)
+    head_scale = optim.get("head_lr_scale") or (1.0 if optim.get("freeze_encoder_fraction") else None)
     optimizer = torch.optim.AdamW(
         param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
-                     optim.get("layer_decay"), optim.get("head_lr_scale")),  # fmt: skip
+                     optim.get("layer_decay"), head_scale),  # fmt: skip
         lr=float(optim["lr"]),
         betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-6)),
@@ -171,6 +198,10 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
     )
     warmup = warmup_steps_from(optim, total_steps)
     floor, decay_fraction = float(optim.get("min_lr_ratio", 0.0)), float(optim.get("decay_fraction", 1.0))
+    frozen = float(optim.get("freeze_encoder_fraction") or 0.0)
+    if frozen:
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": probe_then_finetune(
+            optimizer, optim, total_steps, frozen, floor, decay_fraction), "interval": "step"}}  # fmt: skip
     if optim.get("time_keyed"):
         clock = trainer_clock(trainer)
         schedule = BudgetSchedule(optimizer, total_steps, warmup, floor, clock, decay_fraction)

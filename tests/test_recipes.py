@@ -226,3 +226,32 @@ def test_nsp_weight_zero_trains_the_masked_lm_only():
     nsp_head = mlm_only.model.cls.seq_relationship.weight.grad
     assert nsp_head is None or not nsp_head.any()
     assert mlm_only.model.cls.predictions.transform.dense.weight.grad.abs().sum() > 0
+
+
+def test_freeze_encoder_fraction_trains_the_head_alone_then_everything():
+    """LP-FT: for the first share of the steps the encoder does not move at all (lr 0, so AdamW's decoupled
+    weight decay is off too) while the head learns; then the encoder warms up from a small lr."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(SMALL, num_labels=3)
+    out = build_optimizer(model, {"lr": 1e-2, "warmup_fraction": 0.2, "freeze_encoder_fraction": 0.5}, 10)
+    opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    assert {g["head"] for g in opt.param_groups} == {True, False}  # head groups of their own, same base lr
+    assert sorted({round(g["lr"], 9) for g in opt.param_groups}) == [0.0, 0.005]  # encoder 0; head: 1 of 2 warmup steps
+    encoder = dict(model.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"]
+    head = dict(model.named_parameters())["classifier.weight"]
+    ids = torch.randint(1, 50, (4, 6))
+    seen = []
+    for _ in range(10):
+        before = (encoder.detach().clone(), head.detach().clone())
+        enc_lr = next(g["lr"] for g in opt.param_groups if not g["head"])
+        model.loss(model(ids), torch.tensor([0, 1, 2, 0])).backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+        seen.append((enc_lr, not torch.equal(before[0], encoder), not torch.equal(before[1], head)))
+    assert [moved for _, moved, _ in seen] == [False] * 5 + [True] * 5
+    assert all(head_moved for _, _, head_moved in seen)
+    # ... and the encoder's own warmup (1 step: 0.2 of the 5 left) and decay over the steps after the freeze
+    assert [round(lr / 1e-2, 3) for lr, _, _ in seen[4:]] == [0.0, 1.0, 1.0, 0.75, 0.5, 0.25]
+    with pytest.raises(ValueError, match="freeze_encoder_fraction=1.0"):
+        build_optimizer(model, {"lr": 1e-2, "freeze_encoder_fraction": 1.0}, 10)
