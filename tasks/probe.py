@@ -80,7 +80,8 @@ def fit_probe(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_labels: in
     return best
 
 
-def load_encoder(name: str, path: Path | None, ckpt: dict[str, Any] | None, hparams: dict[str, Any], seed: int):
+def load_encoder(path: Path | None, ckpt: dict[str, Any] | None, hparams: dict[str, Any], seed: int) -> torch.nn.Module:
+    """The checkpoint's encoder (random init at `seed` when `ckpt` is None), dropout off: features, not training."""
     from bert.model import BertConfig, BertModel, load_state_dict_checked
     from tasks import checkpoints
 
@@ -125,7 +126,7 @@ def probe(refs: Sequence[str], task: str = "topic", folds: int = 1, layers: str 
                 dm.setup("fit")
                 data[tokenizer_dir] = dm
             dm = data[tokenizer_dir]
-            bert = load_encoder(name, path, ckpt, hparams, seed)
+            bert = load_encoder(path, ckpt, hparams, seed)
             feats = {s: pooled_layers(bert, dm.eval_loader(s)) for s in ("train", "val", "test")}
             y = {s: np.array([int(it["labels"]) for it in dm.datasets[s].items]) for s in feats}
             picked = range(len(feats["train"])) if layers == "all" else [len(feats["train"]) - 1]
@@ -175,7 +176,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-scratch", action="store_true", help="leave out the random-init row")
     parser.add_argument("--seed", type=int, default=0, help="the random init's seed")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 2)))
     rows = probe(args.encoders, args.task, args.folds, args.layers, args.balanced, not args.no_scratch, args.seed)
     print(table(rows, args.rare))
 
