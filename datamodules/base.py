@@ -59,10 +59,6 @@ class TaskDataModule(pl.LightningDataModule):
             worker_init_fn=ignore_ctrl_c,
         )
 
-    def eval_loader(self, name: str) -> DataLoader:
-        """Any split in order, at the eval batch size: for readers of frozen features (`tasks.probe`)."""
-        return self._loader(name, shuffle=False)
-
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 

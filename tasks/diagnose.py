@@ -117,33 +117,48 @@ def ner_config() -> Any:
         return compose("finetune", overrides=["task=ner"])
 
 
+Encoder = tuple[str, Path | None, "dict[str, Any] | None", "dict[str, Any]"]  # name, path, checkpoint, hparams
+
+
+def load_encoders(refs: Sequence[str], tracking_uri: str | None, scratch: bool = True) -> list[Encoder]:
+    """Each checkpoint (file or run id) read safely, named `run/file`; with `scratch`, a random-init row of the
+    first one's shape (and tokenizer) first."""
+    from tasks import checkpoints
+
+    loaded: list[Encoder] = []
+    for ref in refs:
+        path = checkpoints.resolve(ref, tracking_uri)
+        ckpt = checkpoints.load(path)
+        run = str(ckpt.get("mlflow_run_id") or "")[:8]
+        loaded.append((f"{run}/{path.name}" if run else str(ref), path, ckpt, dict(ckpt.get("hyper_parameters") or {})))
+    if scratch and loaded:
+        loaded.insert(0, ("scratch", None, None, loaded[0][3]))
+    return loaded
+
+
+def frozen_encoder(path: Path | None, ckpt: dict[str, Any] | None, hparams: dict[str, Any], seed: int = 0) -> torch.nn.Module:
+    """The checkpoint's encoder (random init at `seed` when `ckpt` is None), dropout off: features, not training."""
+    from bert.model import BertConfig, BertModel, load_state_dict_checked
+    from tasks import checkpoints
+
+    config = dict(hparams["model_config"])
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(seed)
+    bert = BertModel(BertConfig(**config))
+    if ckpt is not None:
+        load_state_dict_checked(bert, checkpoints.encoder_state(ckpt, path), strict=False)
+    return bert
+
+
 def diagnose(refs: Sequence[str], sentences: int = 400, scratch: bool = True, seed: int = 0) -> list[dict[str, Any]]:
     """One row per encoder (scratch first): the geometry numbers plus step and lr at save."""
     from hydra.utils import instantiate
 
-    from bert.model import BertConfig, BertModel, load_state_dict_checked
-    from tasks import checkpoints
-
     cfg = ner_config()
     rows, data_by_tokenizer = [], {}
-    loaded = []
-    for ref in refs:
-        path = checkpoints.resolve(ref, cfg.logger.tracking_uri)
-        ckpt = checkpoints.load(path)
-        hparams = dict(ckpt.get("hyper_parameters") or {})
-        run = str(ckpt.get("mlflow_run_id") or "")[:8]
-        loaded.append((f"{run}/{path.name}" if run else str(ref), path, ckpt, hparams))
-    if scratch and loaded:
-        _, path, _, hparams = loaded[0]
-        loaded.insert(0, ("scratch", path, None, hparams))
-    for name, path, ckpt, hparams in loaded:
-        config = dict(hparams["model_config"])
-        config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-        torch.manual_seed(seed)
-        bert = BertModel(BertConfig(**config))
-        if ckpt is not None:
-            state = checkpoints.encoder_state(ckpt, path)
-            load_state_dict_checked(bert, state, strict=False)
+    for name, path, ckpt, hparams in load_encoders(refs, cfg.logger.tracking_uri, scratch):
+        bert = frozen_encoder(path, ckpt, hparams, seed)
+        config = hparams["model_config"]
         tokenizer_dir = str(hparams["tokenizer_dir"])
         if tokenizer_dir not in data_by_tokenizer:
             dm = instantiate(cfg.task.data, tokenizer_dir=tokenizer_dir)

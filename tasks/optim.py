@@ -183,8 +183,9 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
     """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the
     time budget when `optim.time_keyed`)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
+    frozen = float(optim.get("freeze_encoder_fraction") or 0.0)
     # a frozen start needs the head in groups of its own (head_lr_scale 1 = the same lr)
-    head_scale = optim.get("head_lr_scale") or (1.0 if optim.get("freeze_encoder_fraction") else None)
+    head_scale = optim.get("head_lr_scale") or (1.0 if frozen else None)
     optimizer = torch.optim.AdamW(
         param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
                      optim.get("layer_decay"), head_scale),  # fmt: skip
@@ -198,7 +199,6 @@ def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_step
     )
     warmup = warmup_steps_from(optim, total_steps)
     floor, decay_fraction = float(optim.get("min_lr_ratio", 0.0)), float(optim.get("decay_fraction", 1.0))
-    frozen = float(optim.get("freeze_encoder_fraction") or 0.0)
     if frozen:
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": probe_then_finetune(
             optimizer, optim, total_steps, frozen, floor, decay_fraction), "interval": "step"}}  # fmt: skip

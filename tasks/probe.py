@@ -80,18 +80,17 @@ def fit_probe(x: dict[str, np.ndarray], y: dict[str, np.ndarray], num_labels: in
     return best
 
 
-def load_encoder(path: Path | None, ckpt: dict[str, Any] | None, hparams: dict[str, Any], seed: int) -> torch.nn.Module:
-    """The checkpoint's encoder (random init at `seed` when `ckpt` is None), dropout off: features, not training."""
-    from bert.model import BertConfig, BertModel, load_state_dict_checked
-    from tasks import checkpoints
-
-    config = dict(hparams["model_config"])
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(seed)
-    bert = BertModel(BertConfig(**config))
-    if ckpt is not None:
-        load_state_dict_checked(bert, checkpoints.encoder_state(ckpt, path), strict=False)
-    return bert
+def split_features(bert: torch.nn.Module, items: Sequence[dict[str, Any]], collate: Any,
+                   cache: dict[tuple[int, ...], torch.Tensor], batch_size: int = 64) -> torch.Tensor:  # fmt: skip
+    """(N, layers, C) pooled features of `items`; `cache` (input ids -> features) keeps what other folds, which
+    re-split the same examples, already encoded, so each example is encoded once per encoder."""
+    keys = [tuple(item["input_ids"].tolist()) for item in items]
+    todo = list({k: item for k, item in zip(keys, items) if k not in cache}.items())
+    batches = [collate([item for _, item in todo[i : i + batch_size]]) for i in range(0, len(todo), batch_size)]
+    if batches:
+        new = torch.stack(pooled_layers(bert, batches), dim=1)
+        cache.update({k: row for (k, _), row in zip(todo, new)})
+    return torch.stack([cache[k] for k in keys])
 
 
 def probe(refs: Sequence[str], task: str = "topic", folds: int = 1, layers: str = "last", balanced: bool = False,
@@ -99,26 +98,21 @@ def probe(refs: Sequence[str], task: str = "topic", folds: int = 1, layers: str 
     """One row per (encoder, layer, fold): val and test scores of its probe, and the train label counts."""
     from hydra.utils import instantiate
 
-    from tasks import checkpoints
+    from tasks.diagnose import frozen_encoder, load_encoders
     from tasks.study import compose, fold_splits
 
     base = compose(task, [])
     if not list(base.task.labels):
         raise SystemExit(f"task {task} is a regression task; the probe is for classification (topic, nli)")
     monitor = str(base.task.monitor).split("/", 1)[1]
-    encoders: list[tuple[str, Path | None, dict[str, Any] | None, dict[str, Any]]] = []
-    for ref in refs:
-        path = checkpoints.resolve(ref, base.logger.tracking_uri)
-        ckpt = checkpoints.load(path)
-        run = str(ckpt.get("mlflow_run_id") or "")[:8]
-        encoders.append((f"{run}/{path.name}" if run else str(ref), path, ckpt, dict(ckpt.get("hyper_parameters") or {})))
-    if scratch and encoders:
-        encoders.insert(0, ("scratch", None, None, encoders[0][3]))
+    encoders = load_encoders(refs, base.logger.tracking_uri, scratch)
+    models = {name: frozen_encoder(path, ckpt, hparams, seed) for name, path, ckpt, hparams in encoders}
+    caches: dict[str, dict[tuple[int, ...], torch.Tensor]] = {name: {} for name in models}
     rows = []
     for fold, split in enumerate(fold_splits(base.task.data.get("split"), folds, task)):
         cfg = compose(task, list(split))
         data: dict[str, Any] = {}
-        for name, path, ckpt, hparams in encoders:
+        for name, _, _, hparams in encoders:
             tokenizer_dir = str(hparams["tokenizer_dir"])
             if tokenizer_dir not in data:
                 dm = instantiate(cfg.task.data, tokenizer_dir=tokenizer_dir)
@@ -126,12 +120,12 @@ def probe(refs: Sequence[str], task: str = "topic", folds: int = 1, layers: str 
                 dm.setup("fit")
                 data[tokenizer_dir] = dm
             dm = data[tokenizer_dir]
-            bert = load_encoder(path, ckpt, hparams, seed)
-            feats = {s: pooled_layers(bert, dm.eval_loader(s)) for s in ("train", "val", "test")}
-            y = {s: np.array([int(it["labels"]) for it in dm.datasets[s].items]) for s in feats}
-            picked = range(len(feats["train"])) if layers == "all" else [len(feats["train"]) - 1]
-            for layer in picked:
-                x = {s: feats[s][layer].numpy() for s in feats}
+            splits = {s: dm.datasets[s].items for s in ("train", "val", "test")}
+            feats = {s: split_features(models[name], items, dm.collate_fn, caches[name]) for s, items in splits.items()}
+            y = {s: np.array([int(it["labels"]) for it in items]) for s, items in splits.items()}
+            num_layers = feats["train"].shape[1]
+            for layer in range(num_layers) if layers == "all" else [num_layers - 1]:
+                x = {s: feats[s][:, layer].numpy() for s in feats}
                 fit = fit_probe(x, y, len(dm.labels), monitor, balanced)
                 rows.append({"encoder": name, "layer": layer, "fold": fold, "C": fit["C"],
                              "val": fit["val"][monitor], "test": fit["test"][monitor],
