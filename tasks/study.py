@@ -26,7 +26,9 @@ its runs are the ordinary study's runs and are reused.
 Every fine-tuning run is a plain `python run_finetune.py task=... pretrained=... seed=... optim.lr=...`
 subprocess, nested in MLflow under one parent run of experiment `study` (tag `mlflow.parentRunId`), and tagged
 `study_key`: a hash of what determines its result (task, the arm's checkpoint hash, seed, lr, recipe
-overrides). Re-running the command skips every run whose key already FINISHED, so an interrupted study resumes.
+overrides). Re-running the command skips every run whose key already FINISHED, so an interrupted study resumes;
+two studies side by side on one store never make the same run twice (the later one waits for it and reuses
+it; a lock per key under `<mlruns>/study-locks/`).
 `extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
 The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
 task) and `study.json` (every run's numbers); the table is also printed.
@@ -43,8 +45,9 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -341,6 +344,21 @@ def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
     Console().print(table)
 
 
+def plot_title(run_id: str, recipe: Sequence[str], scratch_recipe: Sequence[str], seeds: Sequence[int],
+               lrs: Sequence[float], folds: int, panels: int) -> str:  # fmt: skip
+    """What a reader of the picture alone needs to know the arms were made alike (or how not), wrapped to fit."""
+    import textwrap
+
+    seeds_text = f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+    over = f"{folds} folds x {seeds_text}" if folds > 1 else seeds_text
+    lr_text = f"lr chosen on val of {', '.join(f'{lr:g}' for lr in lrs)}" if len(lrs) > 1 else f"lr {lrs[0]:g}"
+    lines = [f"pretraining run {run_id}; {over}; {lr_text}", f"recipe: {' '.join(recipe) or 'each task standard'}"]
+    if scratch_recipe:
+        lines.append(f"scratch (0 min) also: {' '.join(scratch_recipe)}")
+    width = int(4.4 * panels * 13)  # characters at fontsize 9 across the figure (110 dpi)
+    return "\n".join(textwrap.fill(line, width, subsequent_indent="    ") for line in lines)
+
+
 def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -> Path:
     """Test metric against pretraining minutes, each point labelled with its steps, one panel per task;
     scratch at 0, hf arms as flat lines."""
@@ -452,6 +470,40 @@ def child_command(job: Job, parent_id: str, extra_args: Sequence[str], run_dir: 
         *([f"+logger.tags.study_fold={job.fold}"] if job.fold else []),
         f"hydra.run.dir={quote(run_dir / slug)}",
     ]  # fmt: skip
+
+
+@contextmanager
+def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the study key while its run is made, so two studies that share a store (scratch is shared by every
+    study of a shape) never launch the same run twice: the second waits for the first and then reuses its run,
+    or makes it itself if the first failed. An flock, so a study that dies lets go; one machine's studies."""
+    import fcntl
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{key}.lock", "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            say(f"{handle.read().strip() or 'another study'} is making run {key}: waiting for it")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(owner)
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def run_unless_done(job: Job, lock_dir: Path, owner: str, done: Callable[[], bool], make: Callable[[], int],
+                    say: Callable[[str], None] = print) -> int | None:  # fmt: skip
+    """`make()`'s exit code, or None where another study finished the run meanwhile (then it is reused)."""
+    with key_lock(lock_dir, job.key, owner, say):
+        if done():
+            return None
+        return make()
 
 
 def val_score(client, run, monitor: str, mode: str) -> float | None:
@@ -606,23 +658,38 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
-    def launch(label: str, job: Job) -> tuple[str, Job, int, float]:
+    lock_dir = Path(first.paths.mlruns_dir) / "study-locks"
+    owner = f"study {parent_id} (pid {os.getpid()})"
+
+    def launch(label: str, job: Job) -> tuple[str, Job, int | None, float]:
         cmd = child_command(job, parent_id, args.extra_args, out_dir / "runs")
         log_file = out_dir / "logs" / f"{job.key}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
-        with open(log_file, "w") as log:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        return label, job, proc.returncode, time.time() - started
+
+        def make() -> int:
+            with open(log_file, "w") as log:
+                return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+        def done() -> bool:
+            return finished_run(client, experiment_id, job.key) is not None
+
+        returncode = run_unless_done(job, lock_dir, owner, done, make, say=lambda text: print(f"{label}: {text}"))
+        return label, job, returncode, time.time() - started
 
     started = time.time()
     with progress_bar() as progress, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         bar = progress.add_task("fine-tuning runs", total=len(todo))
-        for label, job, returncode, seconds in pool.map(lambda item: launch(*item), todo):
-            launched += 1
+        for count, (label, job, returncode, seconds) in enumerate(pool.map(lambda item: launch(*item), todo), 1):
             progress.advance(bar)
-            left = time_left_note(time.time() - started, launched, len(todo))
+            left = time_left_note(time.time() - started, count, len(todo))
             run = finished_run(client, experiment_id, job.key)
+            if returncode is None and run is not None:  # another study made it while this one waited
+                reused += 1
+                found[job.key] = run
+                progress.console.print(f"{label}: made by another study (run {run.info.run_id}){left}", soft_wrap=True, markup=False, highlight=False)
+                continue
+            launched += 1
             if returncode != 0 or run is None:
                 log_file = out_dir / "logs" / f"{job.key}.log"
                 failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": returncode})
@@ -632,7 +699,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             progress.console.print(f"{label}: {seconds:.0f}s, run {run.info.run_id}{left}", soft_wrap=True, markup=False, highlight=False)
 
     rows = tabulate(client, jobs, arms, found, configs)
-    title = f"pretraining run {args.run_id}"
+    title = plot_title(args.run_id, recipe, scratch_recipe, args.seeds, args.lrs, args.folds, len(args.tasks))
     header = {
         "pretraining run": f"`{args.run_id}`",
         "study run": f"`{parent_id}` (experiment `{EXPERIMENT}`)",

@@ -21,7 +21,9 @@ from tasks.study import (
     paired_gain,
     parse_args,
     plan_jobs,
+    plot_title,
     recipe_overrides,
+    run_unless_done,
     study_key,
     time_left_note,
 )
@@ -484,3 +486,58 @@ def test_time_left_is_the_pace_so_far_times_the_runs_to_go():
     assert time_left_note(600.0, 2, 24) == "; 22 to go, about 1 h 50 min left"
     assert time_left_note(90.0, 3, 4) == "; 1 to go, about 30 s left"
     assert time_left_note(600.0, 24, 24) == ""
+
+
+def test_two_studies_never_make_the_same_run_twice(tmp_path):
+    """Two studies sharing a store (the scratch arm is shared by every study of a shape) and started side by
+    side: the second waits for the first's run of a key and reuses it; if the first failed, it makes the run."""
+    import threading
+    import time
+
+    from tasks.study import Arm, Job
+
+    job = Job("ner", Arm("scratch", "scratch", (), ()), 0, 1e-3, "k" * 16)
+    finished: list[str] = []
+    made: list[str] = []
+    heard: list[str] = []
+
+    def study(name: str, seconds: float, succeeds: bool, out: dict) -> None:
+        def make() -> int:
+            made.append(name)
+            time.sleep(seconds)
+            if succeeds:
+                finished.append(name)
+            return 0 if succeeds else 1
+
+        out[name] = run_unless_done(job, tmp_path, f"study {name}", lambda: bool(finished), make, say=heard.append)
+
+    for first_succeeds, expected_made, expected_second in ((True, ["a"], None), (False, ["a", "b"], 0)):
+        finished.clear(), made.clear(), heard.clear()
+        out: dict = {}
+        a = threading.Thread(target=study, args=("a", 0.6, first_succeeds, out))
+        a.start()
+        time.sleep(0.2)  # a holds the key now
+        study("b", 0.0, True, out)
+        a.join()
+        assert made == expected_made and out["b"] == expected_second
+        assert heard == [f"study a is making run {job.key}: waiting for it"]
+    # a study that is not running (died, or done) holds nothing: the key is free at once
+    out = {}
+    heard.clear()
+    finished.clear()
+    study("c", 0.0, True, out)
+    assert out["c"] == 0 and heard == []
+
+
+def test_the_plot_says_how_the_arms_were_made_scratch_overrides_included():
+    title = plot_title("6fac4d78", ["trainer.max_epochs=6", "optim.head_lr_scale=10"], ["task.pooling=mean"],
+                       [0], [1e-3, 3e-4], 5, 2)  # fmt: skip
+    assert title.splitlines() == [
+        "pretraining run 6fac4d78; 5 folds x seed 0; lr chosen on val of 0.001, 0.0003",
+        "recipe: trainer.max_epochs=6 optim.head_lr_scale=10",
+        "scratch (0 min) also: task.pooling=mean",
+    ]
+    plain = plot_title("6fac4d78", [], [], [0, 1, 2], [1e-3], 1, 1)
+    assert plain.splitlines() == ["pretraining run 6fac4d78; seeds 0, 1, 2; lr 0.001", "recipe: each task standard"]
+    long = plot_title("r", [f"task.option_{i}=value" for i in range(20)], [], [0], [1e-3], 1, 1)
+    assert all(len(line) <= 4.4 * 13 for line in long.splitlines()) and len(long.splitlines()) > 2
