@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from sklearn.preprocessing import StandardScaler
 
 from bert.model import BertConfig, BertModel
 from datamodules.sentence import collate_sentences
-from tasks.probe import C_GRID, fit_probe, pooled_layers, probe, table
+from tasks.probe import C_GRID, fit_probe, pooled_layers, probe, table, track
 from tests.tiny_encoder import TINY, make_pretrain_checkpoint, make_tokenizer
 
 
@@ -66,5 +68,30 @@ def test_probe_rows_over_folds_for_scratch_and_a_checkpoint(tmp_path, mirror):
     assert all(0.0 <= r["test"] <= 1.0 and r["C"] in C_GRID for r in rows)
     text = table(rows)
     assert "| scratch | 2 |" in text and "(n=2)" in text
+
+    # tracked: a parent run with the table, the plot and every probe; a nested run per encoder, metrics by layer
+    import argparse
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlruns"
+    args = argparse.Namespace(task="topic", folds=2, layers="last", balanced=False, rare=4, seed=0,
+                              encoders=[str(ckpt)], overrides=[f"paths.mlruns_dir={store}", f"paths.root_dir={tmp_path}"])  # fmt: skip
+    parent, out_dir = track(rows, args, "python -m tasks.probe x")
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("probe").experiment_id])
+    children = {r.data.tags["probe_encoder"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent}
+    assert set(children) == {"scratch", str(ckpt)} and len(runs) == 3
+    summary = {g["encoder"]: g for g in json.loads((out_dir / "probe.json").read_text())["summary"]}
+    for name, run in children.items():
+        (point,) = client.get_metric_history(run.info.run_id, "test/f1_macro")
+        mean = sum(r["test"] for r in rows if r["encoder"] == name) / 2
+        assert point.step == TINY["num_hidden_layers"] and point.value == pytest.approx(mean)
+        assert run.data.metrics["test/f1_rarest"] == pytest.approx(summary[name]["rare"])
+    artifacts = Path(client.get_run(parent).info.artifact_uri.removeprefix("file://"))
+    assert {p.name for p in artifacts.iterdir()} == {"probe.md", "probe.png", "probe.json"}
+    assert text in (artifacts / "probe.md").read_text()
+    assert client.get_run(parent).data.params["folds"] == "2"
     with pytest.raises(SystemExit, match="regression"):
         probe([str(ckpt)], task="sts")
