@@ -30,6 +30,7 @@ import math
 import os
 import shlex
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -207,7 +208,8 @@ def plot(summary: Sequence[dict[str, Any]], monitor: str, rare: int, out_png: Pa
     return out_png
 
 
-def track(rows: Sequence[dict[str, Any]], args: argparse.Namespace, command: str) -> tuple[str, Path]:
+def track(rows: Sequence[dict[str, Any]], args: argparse.Namespace, command: str,
+          started: float | None = None) -> tuple[str, Path]:  # fmt: skip
     """The parent run (params, probe.md/.png/.json) and one nested run per encoder; returns (run id, out dir)."""
     import json
 
@@ -224,13 +226,14 @@ def track(rows: Sequence[dict[str, Any]], args: argparse.Namespace, command: str
     monitor = rows[0]["monitor"]
     summary = summarize_rows(rows, args.rare)
     tags = {"task": args.task, "git_commit": tracking.git_commit(ROOT), "probe_command": command}
-    parent = client.create_run(experiment_id, run_name=f"probe-{args.task}", tags=tags).info.run_id
+    start_ms = int(1000 * started) if started else None  # the probe's own duration in the UI, not the logging's
+    parent = client.create_run(experiment_id, run_name=f"probe-{args.task}", tags=tags, start_time=start_ms).info.run_id
     params = {"task": args.task, "folds": args.folds, "layers": args.layers, "balanced": args.balanced,
               "rare": args.rare, "seed": args.seed, "encoders": " ".join(args.encoders), "C_grid": C_GRID}  # fmt: skip
     for key, value in params.items():
         client.log_param(parent, key, value)
     for encoder in dict.fromkeys(g["encoder"] for g in summary):
-        child = client.create_run(experiment_id, run_name=encoder,
+        child = client.create_run(experiment_id, run_name=encoder, start_time=start_ms,
                                   tags={**tags, "mlflow.parentRunId": parent, "probe_encoder": encoder}).info.run_id  # fmt: skip
         for g in (g for g in summary if g["encoder"] == encoder):
             metrics = {f"test/{monitor}": g["test"], "test/f1_rarest": g["rare"], "test/f1_others": g["others"],
@@ -263,6 +266,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--no-scratch", action="store_true", help="leave out the random-init row")
     parser.add_argument("--seed", type=int, default=0, help="the random init's seed")
     parser.add_argument("--no-track", action="store_true", help="print the table only, no MLflow run")
+    started = time.time()
     args = parser.parse_intermixed_args(argv)  # options and positionals in any order
     args.overrides = [a for a in args.encoders if "=" in a and not Path(a).exists()]
     args.encoders = [a for a in args.encoders if a not in args.overrides]
@@ -273,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table(rows, args.rare))
     if not args.no_track:
         command = shlex.join(["python", "-m", "tasks.probe", *(sys.argv[1:] if argv is None else argv)])
-        run_id, out_dir = track(rows, args, command)
+        run_id, out_dir = track(rows, args, command, started)
         print(f"MLflow run {run_id} (experiment '{EXPERIMENT}'): probe.md, probe.png, probe.json; also in {out_dir}")
 
 
