@@ -472,11 +472,16 @@ def child_command(job: Job, parent_id: str, extra_args: Sequence[str], run_dir: 
     ]  # fmt: skip
 
 
+BUSY = "busy"  # run_unless_done's answer where another study holds the key and the caller would not wait
+
+
 @contextmanager
-def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = print) -> Iterator[None]:
+def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = print,
+             wait: bool = True) -> Iterator[bool]:  # fmt: skip
     """Hold the study key while its run is made, so two studies that share a store (scratch is shared by every
-    study of a shape) never launch the same run twice: the second waits for the first and then reuses its run,
-    or makes it itself if the first failed. An flock, so a study that dies lets go; one machine's studies."""
+    study of a shape) never launch the same run twice. Yields whether it is held: with `wait`, always (after
+    waiting for the other study); without, False where another study holds it. An flock, so a study that dies
+    lets go; one machine's studies."""
     import fcntl
 
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -485,22 +490,30 @@ def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = 
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            say(f"{handle.read().strip() or 'another study'} is making run {key}: waiting for it")
+            holder = handle.read().strip() or "another study"
+            if not wait:
+                say(f"{holder} is making run {key}: later")
+                yield False
+                return
+            say(f"{holder} is making run {key}: waiting for it")
             fcntl.flock(handle, fcntl.LOCK_EX)
         handle.seek(0)
         handle.truncate()
         handle.write(owner)
         handle.flush()
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def run_unless_done(job: Job, lock_dir: Path, owner: str, done: Callable[[], bool], make: Callable[[], int],
-                    say: Callable[[str], None] = print) -> int | None:  # fmt: skip
-    """`make()`'s exit code, or None where another study finished the run meanwhile (then it is reused)."""
-    with key_lock(lock_dir, job.key, owner, say):
+                    say: Callable[[str], None] = print, wait: bool = True) -> int | str | None:  # fmt: skip
+    """`make()`'s exit code; None where another study finished the run meanwhile (then it is reused); `BUSY`
+    where another study is making it and `wait` is off (a study first makes the runs no one else is making)."""
+    with key_lock(lock_dir, job.key, owner, say, wait) as held:
+        if not held:
+            return BUSY
         if done():
             return None
         return make()
@@ -661,7 +674,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     lock_dir = Path(first.paths.mlruns_dir) / "study-locks"
     owner = f"study {parent_id} (pid {os.getpid()})"
 
-    def launch(label: str, job: Job) -> tuple[str, Job, int | None, float]:
+    def launch(label: str, job: Job, wait: bool) -> tuple[str, Job, int | str | None, float]:
         cmd = child_command(job, parent_id, args.extra_args, out_dir / "runs")
         log_file = out_dir / "logs" / f"{job.key}.log"
         log_file.parent.mkdir(parents=True, exist_ok=True)
@@ -674,29 +687,49 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         def done() -> bool:
             return finished_run(client, experiment_id, job.key) is not None
 
-        returncode = run_unless_done(job, lock_dir, owner, done, make, say=lambda text: print(f"{label}: {text}"))
-        return label, job, returncode, time.time() - started
+        def say(text: str) -> None:
+            print(f"{label}: {text}")
+
+        return label, job, run_unless_done(job, lock_dir, owner, done, make, say, wait), time.time() - started
 
     started = time.time()
+    count = 0
     with progress_bar() as progress, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         bar = progress.add_task("fine-tuning runs", total=len(todo))
-        for count, (label, job, returncode, seconds) in enumerate(pool.map(lambda item: launch(*item), todo), 1):
+
+        def report(label: str, job: Job, returncode: int | str | None, seconds: float) -> None:
+            nonlocal count, launched, reused
+            count += 1
             progress.advance(bar)
             left = time_left_note(time.time() - started, count, len(todo))
             run = finished_run(client, experiment_id, job.key)
+
+            def say(text: str) -> None:
+                progress.console.print(f"{label}: {text}{left}", soft_wrap=True, markup=False, highlight=False)
+
             if returncode is None and run is not None:  # another study made it while this one waited
                 reused += 1
                 found[job.key] = run
-                progress.console.print(f"{label}: made by another study (run {run.info.run_id}){left}", soft_wrap=True, markup=False, highlight=False)
-                continue
-            launched += 1
-            if returncode != 0 or run is None:
+                say(f"made by another study (run {run.info.run_id})")
+            elif returncode != 0 or run is None:
+                launched += 1
                 log_file = out_dir / "logs" / f"{job.key}.log"
                 failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": returncode})
-                progress.console.print(f"{label}: FAILED (exit {returncode}); log {log_file}{left}", soft_wrap=True, markup=False, highlight=False)
-                continue
-            found[job.key] = run
-            progress.console.print(f"{label}: {seconds:.0f}s, run {run.info.run_id}{left}", soft_wrap=True, markup=False, highlight=False)
+                say(f"FAILED (exit {returncode}); log {log_file}")
+            else:
+                launched += 1
+                found[job.key] = run
+                say(f"{seconds:.0f}s, run {run.info.run_id}")
+
+        # first every run no other study is making; then, waiting, those another study was making
+        later = []
+        for label, job, returncode, seconds in pool.map(lambda item: launch(*item, wait=False), todo):
+            if returncode == BUSY:
+                later.append((label, job))
+            else:
+                report(label, job, returncode, seconds)
+        for result in pool.map(lambda item: launch(*item, wait=True), later):
+            report(*result)
 
     rows = tabulate(client, jobs, arms, found, configs)
     title = plot_title(args.run_id, recipe, scratch_recipe, args.seeds, args.lrs, args.folds, len(args.tasks))

@@ -12,6 +12,7 @@ import pytest
 
 from tasks.budgets import BudgetCheckpoints
 from tasks.study import (
+    BUSY,
     Cell,
     Row,
     choose,
@@ -521,6 +522,15 @@ def test_two_studies_never_make_the_same_run_twice(tmp_path):
         a.join()
         assert made == expected_made and out["b"] == expected_second
         assert heard == [f"study a is making run {job.key}: waiting for it"]
+    # not waiting (a study's first pass): a busy key is handed back for later, and nothing is made
+    out, made[:], heard[:], finished[:] = {}, [], [], []
+    a = threading.Thread(target=study, args=("a", 0.6, True, out))
+    a.start()
+    time.sleep(0.2)
+    assert run_unless_done(job, tmp_path, "study b", lambda: False, lambda: made.append("b") or 0,
+                           say=heard.append, wait=False) == BUSY  # fmt: skip
+    a.join()
+    assert made == ["a"] and heard == [f"study a is making run {job.key}: later"]
     # a study that is not running (died, or done) holds nothing: the key is free at once
     out = {}
     heard.clear()
