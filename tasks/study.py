@@ -27,8 +27,8 @@ Every fine-tuning run is a plain `python run_finetune.py task=... pretrained=...
 subprocess, nested in MLflow under one parent run of experiment `study` (tag `mlflow.parentRunId`), and tagged
 `study_key`: a hash of what determines its result (task, the arm's checkpoint hash, seed, lr, recipe
 overrides). Re-running the command skips every run whose key already FINISHED, so an interrupted study resumes;
-two studies side by side on one store never make the same run twice (the later one waits for it and reuses
-it; a lock per key under `<mlruns>/study-locks/`).
+two studies side by side on one store never make the same run twice (a lock per key under
+`<mlruns>/study-locks/`: the later study makes its other runs first, then waits for the held one and reuses it).
 `extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
 The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
 task) and `study.json` (every run's numbers); the table is also printed.
