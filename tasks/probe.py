@@ -181,11 +181,9 @@ def table(rows: Sequence[dict[str, Any]], rare: int = 4) -> str:
 def plot(summary: Sequence[dict[str, Any]], monitor: str, rare: int, out_png: Path, title: str) -> Path:
     """Left: test score by layer, one line per encoder (bars: std over folds). Right: class-mean F1 of the
     rarest classes (solid) and of the others (dashed): where fine-tuning loses a class, the frozen features may not."""
-    import matplotlib
+    from tasks.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     for i, encoder in enumerate(dict.fromkeys(g["encoder"] for g in summary)):
         points = sorted((g for g in summary if g["encoder"] == encoder), key=lambda g: g["layer"])
@@ -200,12 +198,7 @@ def plot(summary: Sequence[dict[str, Any]], monitor: str, rare: int, out_png: Pa
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, title, dpi=110)
 
 
 def track(rows: Sequence[dict[str, Any]], args: argparse.Namespace, command: str,

@@ -362,11 +362,9 @@ def plot_title(run_id: str, recipe: Sequence[str], scratch_recipe: Sequence[str]
 def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -> Path:
     """Test metric against pretraining minutes, each point labelled with its steps, one panel per task;
     scratch at 0, hf arms as flat lines."""
-    import matplotlib
+    from tasks.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         points = [(r.minutes or 0.0, r.cells[task], r.steps) for r in rows if r.kind != "hf" and task in r.cells]
@@ -388,12 +386,7 @@ def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -
         ax.set_ylabel(TEST_METRIC.get(task, "test metric"))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png, title, dpi=110)
 
 
 # ------------------------------------------------------------------------------------------------------------
