@@ -270,7 +270,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.diagnose", description=__doc__.split("\n")[0])
-    parser.add_argument("encoders", nargs="+", help="checkpoint files or MLflow run ids (their last checkpoint)")
+    parser.add_argument("encoders", nargs="+", help="checkpoint files or MLflow run ids (their best, else last, checkpoint)")
     parser.add_argument("--sentences", type=int, default=400, help="KLUE-NER validation sentences to encode")
     parser.add_argument("--no-scratch", action="store_true", help="leave out the random-init row")
     parser.add_argument("--crf", action="store_true", help="fine-tuned NER checkpoints: their CRF transitions")

@@ -249,7 +249,7 @@ def track(rows: Sequence[dict[str, Any]], args: argparse.Namespace, command: str
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tasks.probe", description=__doc__.split("\n")[0])
-    parser.add_argument("encoders", nargs="+", help="checkpoint files or MLflow run ids (their last checkpoint); "
+    parser.add_argument("encoders", nargs="+", help="checkpoint files or MLflow run ids (their best, else last, checkpoint); "
                         "key=value: a Hydra override of the task's config")  # fmt: skip
     parser.add_argument("--task", default="topic", help="a classification sentence task: topic | nli")
     parser.add_argument("--folds", type=int, default=1, help="rotate the split as `tasks.study folds=N`")
