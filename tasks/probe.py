@@ -197,7 +197,8 @@ def plot(summary: Sequence[dict[str, Any]], monitor: str, rare: int, out_png: Pa
         ax.set_ylabel(ylabel)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    left.legend(fontsize=7)
+    right.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)  # below: 2 lines per encoder
     return save_figure(fig, out_png, title, dpi=110)
 
 
