@@ -686,7 +686,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         return label, job, run_unless_done(job, lock_dir, owner, done, make, say, wait), time.time() - started
 
     started = time.time()
-    count = 0
+    count, made_s = 0, []
     with progress_bar() as progress, ThreadPoolExecutor(max_workers=args.jobs) as pool:
         bar = progress.add_task("fine-tuning runs", total=len(todo))
 
@@ -694,8 +694,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             nonlocal count, launched, reused
             count += 1
             progress.advance(bar)
-            left = time_left_note(time.time() - started, count, len(todo))
             run = finished_run(client, experiment_id, job.key)
+            if returncode == 0 and run is not None:
+                made_s.append(seconds)
+            left = time_left_note(time.time() - started, count, len(todo), made_s, args.jobs)
 
             def say(text: str) -> None:
                 progress.console.print(f"{label}: {text}{left}", soft_wrap=True, markup=False, highlight=False)
@@ -790,13 +792,17 @@ def progress_bar() -> Any:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
 
 
-def time_left_note(elapsed_s: float, done: int, total: int) -> str:
-    """'; 10 to go, about 1 h 5 min left' at the pace so far (runs side by side included), for the job lines."""
+def time_left_note(elapsed_s: float, done: int, total: int, run_s: Sequence[float] = (), jobs: int = 1) -> str:
+    """'; 10 to go, about 1 h 5 min left', for the job lines. From the mean time of the runs made so far, `jobs`
+    side by side (the pace so far would count the first of two runs finishing together as the only one done);
+    the pace so far where none was made here (all made by another study)."""
     from tasks.summary import minutes
 
     if done >= total:
         return ""
-    return f"; {total - done} to go, about {minutes(elapsed_s / done * (total - done))} left"
+    to_go = total - done
+    seconds = sum(run_s) / len(run_s) * to_go / max(1, jobs) if run_s else elapsed_s / done * to_go
+    return f"; {to_go} to go, about {minutes(seconds)} left"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

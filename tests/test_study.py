@@ -482,8 +482,12 @@ def test_an_ambiguous_prefix_names_the_candidates_across_pages():
     assert resolve_run_id(client, "abcd1", ["1"]) == "abcd" + "1" * 28
 
 
-def test_time_left_is_the_pace_so_far_times_the_runs_to_go():
-    # 2 runs done in 10 minutes (side by side or not): 22 to go take 110 minutes
+def test_time_left_is_the_mean_run_time_times_the_runs_to_go_over_the_jobs():
+    # two 11-minute runs side by side finish together: the first to report must not read as 11 minutes a run
+    # of one at a time (5 to go: 55 min), but as 5 runs of 11 minutes two at a time
+    assert time_left_note(660.0, 1, 6, [660.0], jobs=2) == "; 5 to go, about 28 min left"
+    assert time_left_note(660.0, 2, 6, [660.0, 660.0], jobs=2) == "; 4 to go, about 22 min left"
+    # no run made here (all made by another study while this one waited): the pace so far
     assert time_left_note(600.0, 2, 24) == "; 22 to go, about 1 h 50 min left"
     assert time_left_note(90.0, 3, 4) == "; 1 to go, about 30 s left"
     assert time_left_note(600.0, 24, 24) == ""
