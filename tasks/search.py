@@ -191,17 +191,20 @@ def scratch_for(
 
 
 # knobs that act on pretrained weights only: a study of them is measured against scratch without them
-PRETRAINED_ONLY = ("optim.layer_decay=", "reinit_layers=")
+PRETRAINED_ONLY = ("optim.layer_decay=", "reinit_layers=", "optim.freeze_encoder_fraction=")
 
 
 def _shared_part(recipe: str) -> str:
     return " ".join(w for w in recipe.split() if not w.startswith(PRETRAINED_ONLY))
 
 
-def _recipe_of(spec: Mapping[str, Any]) -> str:
+def _recipe_of(spec: Mapping[str, Any], scratch: bool = False) -> str:
     """A fold study's cells average other test sets than a one-split study's: its recipe says so, so the two
-    never stand in for each other's scratch arm."""
+    never stand in for each other's scratch arm. `scratch=True`: the recipe its scratch arm was made with (the
+    pretrained arms' own overrides, `pretrained_args=`, never reach it)."""
     recipe = " ".join(spec.get("recipe") or []) or "task defaults"
+    if spec.get("pretrained_recipe") and not scratch:
+        recipe += " pretrained:" + " ".join(spec["pretrained_recipe"])
     if spec.get("scratch_recipe"):  # scratch at its own overrides: not the same scratch as the plain recipe's
         recipe += " scratch:" + " ".join(spec["scratch_recipe"])
     return f"{recipe} folds={spec['folds']}" if spec.get("folds", 1) > 1 else recipe
@@ -224,7 +227,7 @@ def _serve_as_scratch(
     arm = next((r for r in study["rows"] if r["kind"] == "scratch"), None)
     if arm is None:
         return False
-    scratch_arms[sid] = (_recipe_of(spec), without_tasks(arm, stale_tasks(spec, versions)))
+    scratch_arms[sid] = (_recipe_of(spec, scratch=True), without_tasks(arm, stale_tasks(spec, versions)))
     scratch_keys[sid] = _scratch_keys(study)
     return True
 
@@ -278,11 +281,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             spec = {**spec, "tasks": [t for t in spec["tasks"] if t not in stale]}
         fallback, used = None, []
         if not any(r["kind"] == "scratch" for r in study["rows"]):
-            fallback, used = scratch_for(_recipe_of(spec), spec["tasks"], scratch_arms)
+            fallback, used = scratch_for(_recipe_of(spec, scratch=True), spec["tasks"], scratch_arms)
             missing = [t for t in spec["tasks"] if t not in fallback["cells"]]
             if missing:
                 print(f"study {parent[:8]} (scratch=false): left out {', '.join(missing)}: no --scratch study of "
-                      f"that task with its recipe '{_recipe_of(spec)}'")  # fmt: skip
+                      f"that task with its recipe '{_recipe_of(spec, scratch=True)}'")  # fmt: skip
                 spec = {**spec, "tasks": [t for t in spec["tasks"] if t not in missing]}
         # a study run with scratch=false belongs to the group of the scratch studies it is compared with;
         # one run's studies share one random init

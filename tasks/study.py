@@ -2,7 +2,8 @@
 
     python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|none|1000,3500]
         [seeds=3] [lrs=3e-4,1e-3] [folds=1] [arms=hf:<folder>,...] [scratch=true]
-        [extra_args="trainer.max_epochs=6"] [scratch_args="task.pooling=mean"] [out_dir=...] [dry_run=false] [jobs=1]
+        [extra_args="trainer.max_epochs=6"] [scratch_args="task.pooling=mean"]
+        [pretrained_args="optim.freeze_encoder_fraction=0.33"] [out_dir=...] [dry_run=false] [jobs=1]
 
 Arms: scratch (random init, same shape and tokenizer: the 0-minute point; keyed by shape and tokenizer, so
 studies of same-shaped runs share it; `budgets=none` runs it alone), each budget checkpoint the run kept
@@ -13,7 +14,10 @@ learning rate with the best mean validation monitor over seeds is chosen, and it
 mean ± sample std over seeds. A researcher would choose the learning rate the same way for each arm, so a
 pretrained checkpoint and a random init are each compared at their own best one: they differ. Where scratch's
 best recipe differs in more than the lr (a random [CLS] that never trains: mean pooling), `scratch_args` gives
-the scratch arm its own overrides.
+the scratch arm its own overrides. `pretrained_args` are the other way round: overrides for the pretrained arms
+only (budget checkpoints and `hf:` folders), for knobs that act on pretrained weights (LP-FT's
+`optim.freeze_encoder_fraction`, `reinit_layers`, `optim.layer_decay`): scratch keeps the plain recipe, so its
+runs are those of any study of that recipe (reused, not made again) and the table pairs the two.
 
 `folds=N` (N > 1) rotates each task's split N times (test_mod and val_mod move by modulus / N), so every example
 is tested once in N folds rather than one fixed test split deciding the comparison: on a few hundred test
@@ -77,7 +81,7 @@ class Arm:
     step: int | None = None
     tokens: int | None = None
     minutes: float | None = None
-    recipe: tuple[str, ...] = ()  # overrides for this arm only, after extra_args (scratch_args=)
+    recipe: tuple[str, ...] = ()  # overrides for this arm only, after extra_args (scratch_args=, pretrained_args=)
 
 
 @dataclass(frozen=True)
@@ -137,13 +141,14 @@ def quote(value: Any) -> str:
     return f"'{text}'"
 
 
-def budget_arms(budgets: Sequence[Mapping[str, Any]], run_id: str) -> list[Arm]:
+def budget_arms(budgets: Sequence[Mapping[str, Any]], run_id: str, recipe: Sequence[str] = ()) -> list[Arm]:
+    """`recipe`: overrides for the pretrained arms only (`pretrained_args=`)."""
     arms = []
     for b in budgets:
         path = Path(b["file"])
         identity = (("kind", "budget"), ("run", run_id), ("step", int(b["step"])), ("sha256", file_sha256(path)))
         arms.append(Arm(f"step {int(b['step'])}", "budget", (f"pretrained={quote(path)}",), identity,
-                        int(b["step"]), int(b.get("tokens", 0)), float(b.get("minutes", 0.0))))  # fmt: skip
+                        int(b["step"]), int(b.get("tokens", 0)), float(b.get("minutes", 0.0)), tuple(recipe)))  # fmt: skip
     return arms
 
 
@@ -168,7 +173,7 @@ def scratch_arm(like: Path, recipe: Sequence[str] = ()) -> Arm:
                tuple(recipe))  # fmt: skip
 
 
-def hf_arm(ref: str) -> Arm:
+def hf_arm(ref: str, recipe: Sequence[str] = ()) -> Arm:
     from bert.convert import HF_PREFIX, WEIGHT_FILES
 
     folder = Path(ref.removeprefix(HF_PREFIX)).expanduser().resolve()
@@ -176,7 +181,8 @@ def hf_arm(ref: str) -> Arm:
     if not (folder / "config.json").is_file():
         raise SystemExit(f"arms={ref}: {folder} has no config.json (a transformers BERT folder is needed)")
     identity = (("kind", "hf"), ("files", tuple((f.name, file_sha256(f)) for f in files)))
-    return Arm(f"hf:{folder.name}", "hf", (f"pretrained={quote(HF_PREFIX + str(folder))}",), identity)
+    return Arm(f"hf:{folder.name}", "hf", (f"pretrained={quote(HF_PREFIX + str(folder))}",), identity,
+               recipe=tuple(recipe))
 
 
 def fold_splits(split: Mapping[str, Any] | None, folds: int, task: str = "task") -> list[tuple[str, ...]]:
@@ -345,7 +351,7 @@ def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
 
 
 def plot_title(run_id: str, recipe: Sequence[str], scratch_recipe: Sequence[str], seeds: Sequence[int],
-               lrs: Sequence[float], folds: int, panels: int) -> str:  # fmt: skip
+               lrs: Sequence[float], folds: int, panels: int, pretrained_recipe: Sequence[str] = ()) -> str:  # fmt: skip
     """What a reader of the picture alone needs to know the arms were made alike (or how not), wrapped to fit."""
     import textwrap
 
@@ -355,6 +361,8 @@ def plot_title(run_id: str, recipe: Sequence[str], scratch_recipe: Sequence[str]
     lines = [f"pretraining run {run_id}; {over}; {lr_text}", f"recipe: {' '.join(recipe) or 'each task standard'}"]
     if scratch_recipe:
         lines.append(f"scratch (0 min) also: {' '.join(scratch_recipe)}")
+    if pretrained_recipe:
+        lines.append(f"pretrained arms also: {' '.join(pretrained_recipe)}")
     width = int(4.4 * panels * 13)  # characters at fontsize 9 across the figure (110 dpi)
     return "\n".join(textwrap.fill(line, width, subsequent_indent="    ") for line in lines)
 
@@ -530,11 +538,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
     parser.add_argument("run_id", help="MLflow run id (or a unique prefix) of a pretraining run with budget checkpoints")
     parser.add_argument("settings", nargs="*", metavar="key=value",
-                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= extra_args= scratch_args= out_dir= "
-                             "dry_run= jobs=")  # fmt: skip
+                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= extra_args= scratch_args= "
+                             "pretrained_args= out_dir= dry_run= jobs=")  # fmt: skip
     args = parser.parse_args(argv)
     known = {"tasks": None, "budgets": "all", "seeds": "3", "lrs": "3e-4,1e-3", "arms": "", "scratch": "true",
-             "extra_args": "", "scratch_args": "", "out_dir": None, "dry_run": "false", "jobs": "1",
+             "extra_args": "", "scratch_args": "", "pretrained_args": "", "out_dir": None, "dry_run": "false", "jobs": "1",
              "folds": "1"}  # fmt: skip
     for item in args.settings:
         key, sep, value = item.partition("=")
@@ -561,6 +569,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         scratch=known["scratch"].lower() in ("1", "true", "yes"),
         extra_args=shlex.split(known["extra_args"]),
         scratch_args=shlex.split(known["scratch_args"]),
+        pretrained_args=shlex.split(known["pretrained_args"]),
         out_dir=known["out_dir"],
         dry_run=known["dry_run"].lower() in ("1", "true", "yes"),
         jobs=int(known["jobs"]),
@@ -573,9 +582,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"jobs={ns.jobs}: run at least one fine-tuning run at a time")
     if ns.scratch_args and not ns.scratch:
         parser.error("scratch_args= applies to the scratch arm, and scratch=false leaves it out")
-    per_run = [o for o in ns.scratch_args if override_key(o) in ("optim.lr", "seed", "task", "pretrained", "scratch_like")]
-    if per_run:
-        parser.error(f"scratch_args={' '.join(per_run)}: the study sets these per run (lrs=, seeds=, tasks=)")
+    for name in ("scratch_args", "pretrained_args"):
+        per_run = [o for o in getattr(ns, name) if override_key(o) in ("optim.lr", "seed", "task", "pretrained", "scratch_like")]
+        if per_run:
+            parser.error(f"{name}={' '.join(per_run)}: the study sets these per run (lrs=, seeds=, tasks=, arms=)")
     if ns.folds < 1:
         parser.error(f"folds={ns.folds}: 1 is the task's own split, N > 1 rotates it N times")
     return ns
@@ -617,8 +627,11 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if like is None:
             raise SystemExit("the scratch arm copies shape and tokenizer from a budget checkpoint: none found")
         arms.append(scratch_arm(like, args.scratch_args))
-    arms += budget_arms(budgets, args.run_id)
-    arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}") for ref in args.arms]
+    pretrained_args = args.pretrained_args
+    arms += budget_arms(budgets, args.run_id, pretrained_args)
+    arms += [hf_arm(ref if ref.startswith("hf:") else f"hf:{ref}", pretrained_args) for ref in args.arms]
+    if pretrained_args and all(a.kind == "scratch" for a in arms):
+        raise SystemExit("pretrained_args= applies to the pretrained arms, and this study has none (budgets=none)")
 
     recipe = recipe_overrides(args.extra_args)
     versions = {task: cfg.task.get("data_version") for task, cfg in configs.items()}
@@ -631,6 +644,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     scratch_recipe = recipe_overrides(args.scratch_args)
     if scratch_recipe:  # likewise: only a study with them has them in its spec
         spec["scratch_recipe"] = scratch_recipe
+    pretrained_recipe = recipe_overrides(pretrained_args)
+    if pretrained_recipe:
+        spec["pretrained_recipe"] = pretrained_recipe
     folds = f" x {args.folds} folds" if args.folds > 1 else ""
     print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs{folds} x "
           f"{len(args.seeds)} seeds = {len(jobs)} fine-tuning runs")  # fmt: skip
@@ -727,7 +743,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             report(*result)
 
     rows = tabulate(client, jobs, arms, found, configs)
-    title = plot_title(args.run_id, recipe, scratch_recipe, args.seeds, args.lrs, args.folds, len(args.tasks))
+    title = plot_title(args.run_id, recipe, scratch_recipe, args.seeds, args.lrs, args.folds, len(args.tasks),
+                       pretrained_recipe)
     header = {
         "pretraining run": f"`{args.run_id}`",
         "study run": f"`{parent_id}` (experiment `{EXPERIMENT}`)",
@@ -736,6 +753,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         **({"folds": f"{args.folds} (each task's split rotated; fold 0 is its own)"} if args.folds > 1 else {}),
         "recipe overrides": f"`{' '.join(recipe)}`" if recipe else "none (each task's standard recipe)",
         **({"scratch's own overrides": f"`{' '.join(scratch_recipe)}`"} if scratch_recipe else {}),
+        **({"pretrained arms' own overrides": f"`{' '.join(pretrained_recipe)}`"} if pretrained_recipe else {}),
         "command": f"`{args.command}`",
     }
     markdown = format_markdown(rows, args.tasks, header)

@@ -144,6 +144,33 @@ def test_scratch_args_give_scratch_its_own_recipe_keyed_like_the_same_overrides_
             parse_args(["0123", *bad])
 
 
+def test_pretrained_args_change_the_pretrained_arms_only_so_scratch_runs_are_reused(tmp_path):
+    """`pretrained_args=optim.freeze_encoder_fraction=0.33` (LP-FT): the budget arm's runs are those the same
+    override in extra_args makes (an earlier scratch=false study's are reused), and scratch's are the plain
+    recipe's, so the study pairs LP-FT against scratch runs it need not make again."""
+    from tasks.study import Arm, budget_arms, child_command
+
+    ckpt = tmp_path / "budget-step1000.ckpt"
+    ckpt.write_bytes(b"weights")
+    plain, lpft = ["trainer.max_epochs=6"], "optim.freeze_encoder_fraction=0.33"
+    (budget,) = budget_arms([{"file": ckpt, "step": 1000}], "abc", [lpft])
+    scratch_id = (("kind", "scratch"), ("shape", "{}"), ("tokenizer", ()))
+    scratch = Arm("scratch", "scratch", ("pretrained=null",), scratch_id, 0, 0, 0.0)
+    s_job, b_job = plan_jobs(["topic"], [scratch, budget], [0], [1e-3], plain)
+    (b_by_hand,) = plan_jobs(["topic"], budget_arms([{"file": ckpt, "step": 1000}], "abc"), [0], [1e-3], [*plain, lpft])
+    (s_plain,) = plan_jobs(["topic"], [scratch], [0], [1e-3], plain)
+    assert b_job.key == b_by_hand.key and s_job.key == s_plain.key
+    assert b_job.key != plan_jobs(["topic"], budget_arms([{"file": ckpt, "step": 1000}], "abc"), [0], [1e-3], plain)[0].key
+    s_cmd, b_cmd = (child_command(j, "parent", plain, tmp_path) for j in (s_job, b_job))
+    assert lpft in b_cmd and lpft not in s_cmd
+    args = parse_args(["0123", "extra_args=trainer.max_epochs=6", f"pretrained_args={lpft} reinit_layers=1"])
+    assert args.pretrained_args == [lpft, "reinit_layers=1"] and args.scratch_args == []
+    with pytest.raises(SystemExit):  # the study sets the lr per run
+        parse_args(["0123", "pretrained_args=optim.lr=1e-4"])
+    title = plot_title("abc", plain, [], [0], [1e-3], 5, 1, [lpft])
+    assert "pretrained arms also: " + lpft in title.replace("\n    ", " ")
+
+
 def test_with_folds_the_spread_is_over_folds_and_the_gain_is_paired():
     # fold 1's test set is hard for both arms: unpaired, the spreads overlap; paired, the arm is ahead on every fold
     scratch = choose({1e-3: [(0.5, 0.40, 0), (0.5, 0.42, 0), (0.5, 0.20, 1), (0.5, 0.22, 1), (0.5, 0.31, 2)]}, "max")
@@ -322,6 +349,9 @@ def test_search_never_takes_a_fold_study_for_a_one_split_study():
     assert _recipe_of({**one, "folds": 5}) != _recipe_of(one)  # other test sets: not the same scratch baseline
     own = {**one, "scratch_recipe": ["task.pooling=mean"]}  # scratch at its own overrides: another baseline
     assert _recipe_of(own) not in (_recipe_of(one), "trainer.max_epochs=6 task.pooling=mean")
+    lpft = {**one, "pretrained_recipe": ["optim.freeze_encoder_fraction=0.33"]}  # pretrained_args=
+    assert _recipe_of(lpft) != _recipe_of(one)  # its pretrained rows are another recipe ...
+    assert _recipe_of(lpft, scratch=True) == _recipe_of(one)  # ... its scratch arm is the plain recipe's
 
 
 def test_search_leaves_out_tasks_studied_on_older_data():
