@@ -159,7 +159,8 @@ def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
                 continue
             arm_recipe, arm = max(cells, key=lambda rc: rc[1]["val"])
             # scratch at its best over every recipe any study of this random init tried, not only this run's
-            pool = [(e["recipe"], e["tasks"][task]) for e in same_init if task in e["tasks"]]
+            # and under scratch's own recipe label: the pretrained arms' overrides (LP-FT ...) never reached it
+            pool = [(e.get("scratch_recipe", e["recipe"]), e["tasks"][task]) for e in same_init if task in e["tasks"]]
             base_recipe, base = max(pool, key=lambda rc: rc[1]["scratch_val"])
             gain = arm["test"] - base["scratch"]
             spread = max(arm["test_std"] or 0.0, base["scratch_std"] or 0.0)
@@ -298,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         recipe = _recipe_of(spec)
         for entry in gains(study, spec["tasks"], fallback):
             entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}",
+                            "scratch_recipe": f"{_recipe_of(spec, scratch=True)}, lrs {spec['lrs']}",
                             "study": parent})  # fmt: skip
     groups = scratch_groups(scratch_keys)
     entries = merge([{**e, "scratch_group": groups[e.pop("study")]} for e in entries])

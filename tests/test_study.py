@@ -430,6 +430,22 @@ def test_search_best_against_best_picks_each_arms_recipe_on_val():
     assert "| -0.020 | no (within spread) |" in best_vs_best(entries, ["sts"])
 
 
+def test_search_names_scratchs_own_recipe_not_the_pretrained_arms_overrides():
+    """A study with `pretrained_args=` (LP-FT) fine-tuned scratch without them: the verdict's scratch column
+    must not say it had them."""
+    from tasks.search import best_vs_best, gains
+
+    study = {"rows": [{"arm": "scratch", "kind": "scratch", "cells": {"topic": {"mean": 0.34, "std": 0.03, "n": 3,
+                                                                                 "lr": 1e-3, "val": 0.36}}},
+                      {"arm": "step 9", "kind": "budget", "cells": {"topic": {"mean": 0.35, "std": 0.02, "n": 3,
+                                                                               "lr": 1e-3, "val": 0.35}}}]}  # fmt: skip
+    entry = {**gains(study, ["topic"])[0], "label": "run · step 9", "recipe": "6 ep pretrained:lpft, lrs [0.001]",
+             "scratch_recipe": "6 ep, lrs [0.001]"}  # fmt: skip
+    (line,) = best_vs_best([entry], ["topic"]).splitlines()[2:]
+    pretrained, scratch = line.split(" | ")[2:4]
+    assert pretrained.startswith("6 ep pretrained:lpft, lr 0.001") and scratch.startswith("6 ep, lr 0.001")
+
+
 def test_search_pools_scratch_over_every_study_of_the_same_random_init():
     """Scratch's best recipe may have been tried only in another run's study; studies that share a scratch run
     (same shape and tokenizer) share scratch's best, and studies of another init do not."""
