@@ -29,6 +29,9 @@ def train(cfg: DictConfig) -> float | None:
     """Compose, instantiate, fit; returns the best validation loss (what sweeps optimise)."""
     runner.no_partial_logger(cfg)
     ckpt_path, run_id = runner.resolve_resume(cfg)  # bad ckpt_path fails here, before any data work
+    branch = runner.resolve_branch(cfg)  # branch_from=...: a new run from a checkpoint's training state
+    if branch is not None:
+        ckpt_path = branch.path
     encoder = runner.continued_pretraining(cfg)  # pretrained=...: its weights, shape and tokenizer
     pl.seed_everything(cfg.seed, workers=True)
 
@@ -53,6 +56,7 @@ def train(cfg: DictConfig) -> float | None:
         compile=cfg.get("compile", False),
         nsp_weight=cfg.get("nsp_weight", 1.0),
     )
+    module.branch = branch is not None
     if encoder is not None:
         module.model.load_state_dict(encoder.state_dict)  # strict: every weight of the checkpoint, no more
         print(f"continued pretraining from {encoder.checkpoint}")
@@ -70,6 +74,10 @@ def train(cfg: DictConfig) -> float | None:
         tags["init_from"] = str(encoder.checkpoint)
         if encoder.run_id:
             tags["init_run_id"] = encoder.run_id
+    if branch is not None:
+        tags.update(branch_from=str(branch.path), branch_step=str(branch.step))
+        if branch.parent_run_id:
+            tags["branch_run_id"] = branch.parent_run_id
     callbacks.append(runner.RunRecordCallback(cfg, tags, datamodule.tokenizer_dir, PLOT_PANELS))
 
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, logger=logger or False, callbacks=callbacks)

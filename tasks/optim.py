@@ -178,6 +178,19 @@ def probe_then_finetune(optimizer: torch.optim.Optimizer, optim: Mapping[str, An
     )
 
 
+def rebase_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """Set a freshly built step-keyed schedule to `step` and give the optimizer its lr there: a branch
+    (`branch_from=`) restores the parent's weights, moments and step but follows its own schedule."""
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        raise TypeError(f"a branch follows a step-keyed LambdaLR schedule, not {type(scheduler).__name__}")
+    scheduler.last_epoch = step
+    scheduler._step_count = step + 1
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_steps: int,
                     trainer: Any = None) -> dict[str, Any]:  # fmt: skip
     """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the

@@ -13,7 +13,7 @@ from torchmetrics import MeanMetric
 
 from bert.model import BertConfig, BertForPreTraining
 from tasks.interval import IntervalMeans, log_due
-from tasks.optim import build_optimizer
+from tasks.optim import build_optimizer, rebase_schedule
 
 TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss", "mlm_acc", "nsp_acc")
 
@@ -50,6 +50,8 @@ class PretrainModule(pl.LightningModule):
         self.tokens_seen = 0  # non-pad tokens trained on, all ranks; saved in checkpoints (budgets, resume)
         self._interval_tokens = 0.0
         self._interval_seconds = 0.0
+        # True for `branch_from=`: the checkpoint's schedule state is dropped, this config's is set to its step
+        self.branch = False
 
     def configure_model(self) -> None:
         if self._compile:
@@ -130,3 +132,10 @@ class PretrainModule(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
+        if self.branch:  # Lightning restores what the list holds: nothing, so the schedule stays this config's
+            checkpoint["lr_schedulers"] = []
+
+    def on_train_start(self) -> None:
+        if self.branch:
+            for config in self.trainer.lr_scheduler_configs:
+                rebase_schedule(config.scheduler, self.trainer.global_step)

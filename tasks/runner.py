@@ -132,6 +132,57 @@ def resolve_resume(cfg: DictConfig) -> tuple[Path | None, str | None]:
     return path, _check_resumable(cfg, path).get("mlflow_run_id")
 
 
+@dataclass(frozen=True)
+class Branch:
+    """A pretraining checkpoint a new run starts from (`branch_from=`): its training state, this config's
+    schedule."""
+
+    path: Path
+    parent_run_id: str | None
+    step: int
+
+
+def resolve_branch(cfg: DictConfig) -> Branch | None:
+    """`branch_from=<.ckpt>`: a NEW run that takes a pretraining checkpoint's weights, AdamW moments, step and
+    data position, and this config's step-keyed schedule and limits. What warmup-stable-decay is for: branch a
+    decay (or a longer stable phase) off a checkpoint of the stable phase instead of pretraining again from step
+    0. Fails before any data work on a bad path, a clash with ckpt_path, a time-keyed schedule or too few steps."""
+    ref = cfg.get("branch_from")
+    if ref in (None, ""):
+        return None
+    if cfg.get("ckpt_path") not in (None, ""):
+        raise ValueError(
+            "ckpt_path and branch_from are both set: ckpt_path continues a run in its own MLflow run, "
+            "branch_from starts a new run from a checkpoint; give one"
+        )
+    if cfg.get("pretrained") not in (None, ""):
+        raise ValueError(
+            "pretrained and branch_from are both set: pretrained= takes a checkpoint's weights with a fresh "
+            "optimizer and schedule, branch_from its whole training state; give one"
+        )
+    if cfg.optim.get("time_keyed"):
+        raise ValueError(
+            f"branch_from={ref} needs a step-keyed schedule: add optim.time_keyed=false trainer.max_time=null "
+            "trainer.max_steps=<the branch's final step> (a time-keyed decay has no step to end at)"
+        )
+    path = Path(str(ref))
+    if not path.is_absolute():
+        path = Path(cfg.paths.root_dir) / path
+    if not path.is_file():
+        raise FileNotFoundError(f"branch_from={ref}: no such checkpoint file ({path})")
+    info = read_checkpoint_meta(path)  # refuses a file that would run code, naming it
+    if info["kind"] != "pretrain":
+        raise ValueError(f"branch_from={path} is {checkpoints.describe(info['kind'])}; it takes a pretraining one")
+    step = int(info.get("global_step") or 0)
+    max_steps = int(cfg.trainer.get("max_steps") or -1)
+    if max_steps <= step:
+        raise ValueError(
+            f"branch_from={path} is at step {step}: trainer.max_steps={max_steps} leaves nothing to train; "
+            "give the branch's final step"
+        )
+    return Branch(path, info.get("mlflow_run_id"), step)
+
+
 def check_checkpoint_vocab(path: Path | None, vocab_size: int) -> None:
     if path is None:
         return

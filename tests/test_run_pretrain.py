@@ -463,3 +463,54 @@ def test_time_keyed_schedule_ends_annealed_at_max_time(cache_dir, tmp_path):
     assert len(lrs) > 20 and lrs.index(peak) <= 6  # warmup in steps, then decay
     assert lrs[-1] < 0.1 * peak  # annealed at the time limit, although max_steps was 100,000
     assert all(b <= a + 1e-12 for a, b in zip(lrs[6:], lrs[7:]))  # monotone decay
+
+
+def _final_weights(workdir: Path, run_id: str):
+    import torch
+
+    (path,) = (workdir / "mlruns").rglob(f"{run_id}/**/last.ckpt")
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tmp_path):
+    """A decay branched off a time-keyed warmup-stable-decay run at step 5 ends where a step-keyed run of 16
+    steps does from step 0: same weights, same lr at every step, in a new MLflow run that names its parent."""
+    import torch
+
+    common = [*SMALL, "optim.lr=4e-3", "optim.warmup_steps=2", "optim.decay_fraction=0.5",
+              "trainer.val_check_interval=100", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]  # fmt: skip
+    step_keyed = ["optim.time_keyed=false", "trainer.max_time=null", "trainer.max_steps=16"]
+    straight, parent = tmp_path / "straight", tmp_path / "parent"
+    straight.mkdir(), parent.mkdir()
+    check(run_cli("run.py", [*common, *step_keyed], straight, cache_dir))
+    # the parent: time-keyed, its peak held to step 6 (of 10), a budget checkpoint at step 5
+    check(run_cli("run.py", [*common, "optim.time_keyed=true", "trainer.max_time=00:00:30:00",
+                             "trainer.max_steps=10", "keep_checkpoints_at_steps=[5]"], parent, cache_dir))  # fmt: skip
+    (parent_run,) = runs_of(parent)
+    (ckpt,) = (parent / "mlruns").rglob("budget-step5.ckpt")
+    check(run_cli("run.py", [*common, *step_keyed, f"branch_from={ckpt}"], parent, cache_dir))  # the same store
+    runs = {run.info.run_id: run for run in runs_of(parent)}
+    assert len(runs) == 2 and parent_run.info.run_id in runs
+    (branch_id,) = set(runs) - {parent_run.info.run_id}
+    tags = runs[branch_id].data.tags
+    assert tags["branch_run_id"] == parent_run.info.run_id and tags["branch_step"] == "5"
+    assert tags["final_step"] == "16"
+
+    client = client_for(parent)
+    branch_lr = {m.step: m.value for m in client.get_metric_history(branch_id, "lr")}
+    (straight_run,) = runs_of(straight)
+    straight_lr = {m.step: m.value for m in client_for(straight).get_metric_history(straight_run.info.run_id, "lr")}
+    assert sorted(branch_lr) == list(range(5, 16))  # from the branch point on, no warmup again
+    assert branch_lr == pytest.approx({s: straight_lr[s] for s in branch_lr})
+    parent_lr = {m.step: m.value for m in client.get_metric_history(parent_run.info.run_id, "lr")}
+    assert parent_lr[8] < straight_lr[8]  # the parent was decaying there: the branch followed its own schedule
+
+    ours, theirs = _final_weights(parent, branch_id), _final_weights(straight, straight_run.info.run_id)
+    assert ours.keys() == theirs.keys()
+    for key in ours:  # same data after step 5 (none replayed), same moments, same lr
+        torch.testing.assert_close(ours[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_branch_from_refuses_a_time_keyed_schedule(tmp_path, cache_dir):
+    proc = run_cli("run.py", [*SMALL, "experiment=cpu_60min", f"branch_from={tmp_path}/x.ckpt"], tmp_path, cache_dir)
+    assert proc.returncode != 0 and "needs a step-keyed schedule" in proc.stderr + proc.stdout
