@@ -134,6 +134,9 @@ class PretrainModule(pl.LightningModule):
         self.tokens_seen = int(checkpoint.get("tokens_seen", 0))
         if self.branch:  # Lightning restores what the list holds: nothing, so the schedule stays this config's
             checkpoint["lr_schedulers"] = []
+            callbacks = checkpoint.get("callbacks") or {}
+            for key in [key for key in callbacks if key.startswith("ModelCheckpoint")]:
+                del callbacks[key]  # the parent's best/last paths are not this run's
 
     def on_train_start(self) -> None:
         if self.branch:

@@ -478,14 +478,17 @@ def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tm
     import torch
 
     common = [*SMALL, "optim.lr=4e-3", "optim.warmup_steps=2", "optim.decay_fraction=0.5",
-              "trainer.val_check_interval=100", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]  # fmt: skip
-    step_keyed = ["optim.time_keyed=false", "trainer.max_time=null", "trainer.max_steps=16"]
+              "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1"]  # fmt: skip
+    # no validation after the branch point: a best checkpoint named at the end could only be the parent's
+    step_keyed = ["optim.time_keyed=false", "trainer.max_time=null", "trainer.max_steps=16",
+                  "trainer.val_check_interval=100"]  # fmt: skip
     straight, parent = tmp_path / "straight", tmp_path / "parent"
     straight.mkdir(), parent.mkdir()
     check(run_cli("run.py", [*common, *step_keyed], straight, cache_dir))
     # the parent: time-keyed, its peak held to step 6 (of 10), a budget checkpoint at step 5
     check(run_cli("run.py", [*common, "optim.time_keyed=true", "trainer.max_time=00:00:30:00",
-                             "trainer.max_steps=10", "keep_checkpoints_at_steps=[5]"], parent, cache_dir))  # fmt: skip
+                             "trainer.max_steps=10", "keep_checkpoints_at_steps=[5]", "trainer.val_check_interval=2"],
+                  parent, cache_dir))  # fmt: skip
     (parent_run,) = runs_of(parent)
     (ckpt,) = (parent / "mlruns").rglob("budget-step5.ckpt")
     check(run_cli("run.py", [*common, *step_keyed, f"branch_from={ckpt}"], parent, cache_dir))  # the same store
@@ -495,6 +498,8 @@ def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tm
     tags = runs[branch_id].data.tags
     assert tags["branch_run_id"] == parent_run.info.run_id and tags["branch_step"] == "5"
     assert tags["final_step"] == "16"
+    best = [line for line in tags["mlflow.note.content"].splitlines() if line.startswith("Best checkpoint")]
+    assert not any(parent_run.info.run_id in line for line in best), best  # the parent's best is not its own
 
     client = client_for(parent)
     branch_lr = {m.step: m.value for m in client.get_metric_history(branch_id, "lr")}
