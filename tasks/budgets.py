@@ -115,6 +115,7 @@ class BudgetCheckpoints(pl.Callback):
             "minutes": round(self.minutes(), 4),
             "reason": reason,
             "file": str(path),
+            **_lr_now(trainer),
         }
         self.records.append(record)  # before saving, so the checkpoint's own state lists itself
         tmp = path.with_name(f".{path.name}.tmp")
@@ -143,6 +144,28 @@ class BudgetCheckpoints(pl.Callback):
         if run_id is None:
             return
         logger.experiment.log_text(run_id, json.dumps(self.records, indent=2) + "\n", BUDGETS_ARTIFACT)
+
+
+def _lr_now(trainer: pl.Trainer) -> dict[str, float]:
+    """The lr the next step will use and the schedule's peak: a budget taken at the peak of a warmup-stable-decay
+    run is one a longer run would also have passed through, so it can be branched (`branch_from=`)."""
+    configs = getattr(trainer, "lr_scheduler_configs", None) or []
+    if not configs or not trainer.optimizers:
+        return {}
+    peak = getattr(configs[0].scheduler, "base_lrs", None)
+    if not peak:
+        return {}
+    return {"lr": float(trainer.optimizers[0].param_groups[0]["lr"]), "peak_lr": float(peak[0])}
+
+
+def stable_budget(records: Iterable[dict[str, Any]], before_step: int) -> dict[str, Any] | None:
+    """The latest budget before `before_step` taken at the peak lr, after warmup (None if there is none)."""
+    stable = [
+        r for r in records
+        if r.get("peak_lr") and r.get("lr") is not None and r["lr"] >= r["peak_lr"] * (1 - 1e-6)
+        and int(r["step"]) < before_step
+    ]  # fmt: skip
+    return max(stable, key=lambda r: int(r["step"]), default=None)
 
 
 def read_budgets(ckpt_dir: Path) -> list[dict[str, Any]]:

@@ -68,6 +68,24 @@ def shortfall_advice(projection: Projection, expected_steps: int, max_time: Any)
     )
 
 
+def branch_advice(trainer: pl.Trainer, expected_steps: int, steps_per_min: float) -> str | None:
+    """A run that fell short of its recipe's steps and kept a budget checkpoint at the peak lr can reach them
+    from there (`branch_from=`) instead of from step 0: the command, and what it costs at this pace."""
+    from tasks.budgets import BudgetCheckpoints, stable_budget
+
+    budgets = next((cb for cb in trainer.callbacks if isinstance(cb, BudgetCheckpoints)), None)
+    found = stable_budget(budgets.records, expected_steps) if budgets is not None else None
+    if found is None:
+        return None
+    step, to_go = int(found["step"]), expected_steps - int(found["step"])
+    return (
+        f"To reach {expected_steps:,} steps without starting over, branch from step {step:,} (still at the peak "
+        f"lr; README, 'Branch'): python run.py <same overrides> branch_from={found['file']} "
+        f"trainer.max_steps={expected_steps} trainer.max_time=null optim.time_keyed=false "
+        f"({to_go:,} steps, about {minutes(60.0 * to_go / max(steps_per_min, 1e-9))} here)"
+    )
+
+
 class StepPace(pl.Callback):
     """Measures steps per second of training in this process and reports the projection (see module)."""
 
@@ -147,6 +165,9 @@ class StepPace(pl.Callback):
                     f"; the recipe was measured at {self.expected_steps:,} steps: expect smaller downstream "
                     "gains (README, 'Too few steps')"
                 )
+                advice = branch_advice(trainer, self.expected_steps, 60.0 * made / seconds)
+                if advice:
+                    line += "\n" + advice
             else:
                 line += f"; at least the {self.expected_steps:,} steps the recipe was measured at"
         return line

@@ -153,3 +153,39 @@ def test_the_tag_follows_every_check_not_only_the_logged_ones(tmp_path, caplog, 
     assert len(infos) == 1 and cb.checks > 1
     tags = trainer.logger.experiment.get_run(trainer.logger.run_id).data.tags
     assert int(tags["projected_steps"]) == cb.projection.projected_steps < 100
+
+
+class _Stable(_Tiny):
+    """Warmup-stable-decay in miniature: 3 warmup steps, the peak to step 20, then a decay."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.01)
+        factor = lambda s: (s + 1) / 3 if s < 3 else (1.0 if s < 20 else 0.5)  # noqa: E731
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                   "interval": "step"}}  # fmt: skip
+
+
+def test_a_short_run_names_the_branch_from_its_last_budget_at_the_peak(tmp_path, check_at_once):
+    from tasks.budgets import BudgetCheckpoints
+
+    budgets = BudgetCheckpoints(tmp_path / "ckpts", at_steps=[1, 5, 12, 25], at_end=False)
+    cb = StepPace(expected_steps=10**9, max_time="00:00:00:02")
+    logger = MLFlowLogger(experiment_name="pace", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    trainer = pl.Trainer(logger=logger, callbacks=[cb, budgets], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_epochs=-1, max_steps=10**9, max_time="00:00:00:02")  # fmt: skip
+    trainer.fit(_Stable())
+    assert trainer.global_step > 25
+    by_step = {r["step"]: r for r in budgets.records}
+    assert by_step[1]["lr"] < by_step[1]["peak_lr"] and by_step[25]["lr"] < by_step[25]["peak_lr"]  # warmup, decay
+    assert by_step[12]["lr"] == by_step[12]["peak_lr"] == 0.01
+    line = cb.summary_line(trainer)
+    advice = line.splitlines()[1]
+    assert "branch from step 12 " in advice, advice  # the latest budget at the peak: not 1 (warmup), not 25 (decay)
+    assert f"branch_from={tmp_path / 'ckpts' / 'budget-step12.ckpt'} trainer.max_steps=1000000000" in advice
+    assert (tmp_path / "ckpts" / "budget-step12.ckpt").is_file()
+
+
+def test_no_branch_is_named_without_a_budget_at_the_peak(tmp_path, check_at_once):
+    cb = StepPace(expected_steps=10**9, max_time="00:00:00:01")
+    trainer = _fit(tmp_path, cb, max_steps=10**9, max_time="00:00:00:01")  # no schedule, no budgets
+    assert "branch_from" not in cb.summary_line(trainer)
