@@ -487,6 +487,8 @@ class RunRecordCallback(pl.Callback):
         return {"best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.cfg.get("branch_from"):  # a branch is a run of its own: its best is its own, as its best.ckpt
+            return
         self.best_value = state_dict.get("best_value")
         self.best_step = state_dict.get("best_step")
 
@@ -510,7 +512,9 @@ class RunRecordCallback(pl.Callback):
         client, run_id = logger.experiment, logger.run_id
         self._run_name = client.get_run(run_id).info.run_name
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
-        if trainer.ckpt_path is None:  # a resumed run already has its params (MLflow forbids changing them)
+        # a resumed run already has its params (MLflow forbids changing them); a branch is a new run
+        continued = trainer.ckpt_path is not None and not self.cfg.get("branch_from")
+        if not continued:
             unresolved = OmegaConf.to_container(self.cfg, resolve=False)
             model_config = pl_module.hparams.get("model_config")
             logger.log_hyperparams(tracking.run_params(resolved, unresolved, model_config))
@@ -539,7 +543,7 @@ class RunRecordCallback(pl.Callback):
             tags["last_ckpt"] = str(Path(last.dirpath) / "last.ckpt")
         tracking.set_tags(logger, tags)
         if self.cfg.logger.get("system_metrics", True):
-            self._start_system_metrics(logger, resumed=trainer.ckpt_path is not None)
+            self._start_system_metrics(logger, resumed=continued)
 
     def _start_system_metrics(self, logger: MLFlowLogger, resumed: bool) -> None:
         """CPU, memory, disk, network (and GPU with pynvml) as `system/*`, every 10 s, in a daemon thread."""

@@ -500,6 +500,8 @@ def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tm
     assert tags["final_step"] == "16"
     best = [line for line in tags["mlflow.note.content"].splitlines() if line.startswith("Best checkpoint")]
     assert not any(parent_run.info.run_id in line for line in best), best  # the parent's best is not its own
+    params = runs[branch_id].data.params  # a new run: its own config, not a resumed run's (which has them)
+    assert params["optim.time_keyed"] == "False" and params["trainer.max_steps"] == "16", sorted(params)[:5]
 
     client = client_for(parent)
     branch_lr = {m.step: m.value for m in client.get_metric_history(branch_id, "lr")}
