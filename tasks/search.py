@@ -154,7 +154,7 @@ def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
         group = mine[0].get("scratch_group", label)
         same_init = [e for e in entries if e.get("scratch_group", e["label"]) == group]
         for task in tasks:
-            cells = [(e["recipe"], e["tasks"][task]) for e in mine if task in e["tasks"]]
+            cells = [(e.get("pretrained_recipe", e["recipe"]), e["tasks"][task]) for e in mine if task in e["tasks"]]
             if not cells:
                 continue
             arm_recipe, arm = max(cells, key=lambda rc: rc[1]["val"])
@@ -199,14 +199,15 @@ def _shared_part(recipe: str) -> str:
     return " ".join(w for w in recipe.split() if not w.startswith(PRETRAINED_ONLY))
 
 
-def _recipe_of(spec: Mapping[str, Any], scratch: bool = False) -> str:
+def _recipe_of(spec: Mapping[str, Any], scratch: bool = False, pretrained: bool = False) -> str:
     """A fold study's cells average other test sets than a one-split study's: its recipe says so, so the two
     never stand in for each other's scratch arm. `scratch=True`: the recipe its scratch arm was made with (the
-    pretrained arms' own overrides, `pretrained_args=`, never reach it)."""
+    pretrained arms' own overrides, `pretrained_args=`, never reach it); `pretrained=True`: the pretrained
+    arms' (scratch's own overrides, `scratch_args=`, never reach them)."""
     recipe = " ".join(spec.get("recipe") or []) or "task defaults"
     if spec.get("pretrained_recipe") and not scratch:
         recipe += " pretrained:" + " ".join(spec["pretrained_recipe"])
-    if spec.get("scratch_recipe"):  # scratch at its own overrides: not the same scratch as the plain recipe's
+    if spec.get("scratch_recipe") and not pretrained:  # scratch at its own overrides: not the plain recipe's scratch
         recipe += " scratch:" + " ".join(spec["scratch_recipe"])
     return f"{recipe} folds={spec['folds']}" if spec.get("folds", 1) > 1 else recipe
 
@@ -300,6 +301,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for entry in gains(study, spec["tasks"], fallback):
             entries.append({**entry, "label": f"{name} · {entry['arm']}", "recipe": f"{recipe}, lrs {spec['lrs']}",
                             "scratch_recipe": f"{_recipe_of(spec, scratch=True)}, lrs {spec['lrs']}",
+                            "pretrained_recipe": f"{_recipe_of(spec, pretrained=True)}, lrs {spec['lrs']}",
                             "study": parent})  # fmt: skip
     groups = scratch_groups(scratch_keys)
     entries = merge([{**e, "scratch_group": groups[e.pop("study")]} for e in entries])

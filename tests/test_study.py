@@ -446,6 +446,25 @@ def test_search_names_scratchs_own_recipe_not_the_pretrained_arms_overrides():
     assert pretrained.startswith("6 ep pretrained:lpft, lr 0.001") and scratch.startswith("6 ep, lr 0.001")
 
 
+def test_search_names_the_pretrained_arms_own_recipe_not_scratchs_overrides():
+    """A study with `scratch_args=` (NLI: mean pooling for scratch only) fine-tuned the pretrained arm without
+    them: the verdict's pretrained column must not say it had them."""
+    from tasks.search import _recipe_of, best_vs_best, gains
+
+    spec = {"recipe": ["5 ep"], "scratch_recipe": ["task.pooling=mean"], "folds": 1}
+    assert _recipe_of(spec) == "5 ep scratch:task.pooling=mean"  # the study: both arms' recipes
+    assert _recipe_of(spec, pretrained=True) == "5 ep" and _recipe_of(spec, scratch=True) == _recipe_of(spec)
+    study = {"rows": [{"arm": "scratch", "kind": "scratch", "cells": {"nli": {"mean": 0.33, "std": 0.01, "n": 3,
+                                                                               "lr": 3e-4, "val": 0.39}}},
+                      {"arm": "step 9", "kind": "budget", "cells": {"nli": {"mean": 0.40, "std": 0.01, "n": 3,
+                                                                             "lr": 3e-4, "val": 0.41}}}]}  # fmt: skip
+    entry = {**gains(study, ["nli"])[0], "label": "run · step 9", "recipe": "5 ep scratch:task.pooling=mean, lrs x",
+             "scratch_recipe": "5 ep scratch:task.pooling=mean, lrs x", "pretrained_recipe": "5 ep, lrs x"}  # fmt: skip
+    (line,) = best_vs_best([entry], ["nli"]).splitlines()[2:]
+    pretrained, scratch = line.split(" | ")[2:4]
+    assert pretrained.startswith("5 ep, lr 0.0003") and scratch.startswith("5 ep scratch:task.pooling=mean, lr")
+
+
 def test_search_pools_scratch_over_every_study_of_the_same_random_init():
     """Scratch's best recipe may have been tried only in another run's study; studies that share a scratch run
     (same shape and tokenizer) share scratch's best, and studies of another init do not."""
