@@ -146,15 +146,13 @@ def resolve_branch(cfg: DictConfig) -> Branch | None:
     """`branch_from=<.ckpt>`: a NEW run that takes a pretraining checkpoint's weights, AdamW moments, step and
     data position, and this config's step-keyed schedule and limits. What warmup-stable-decay is for: branch a
     decay (or a longer stable phase) off a checkpoint of the stable phase instead of pretraining again from step
-    0. Fails before any data work on a bad path, a clash with ckpt_path, a time-keyed schedule or too few steps."""
+    0. With ckpt_path set too, the branch resumes as any run does. Fails before any data work on a bad path, a
+    time-keyed schedule or too few steps."""
     ref = cfg.get("branch_from")
     if ref in (None, ""):
         return None
     if cfg.get("ckpt_path") not in (None, ""):
-        raise ValueError(
-            "ckpt_path and branch_from are both set: ckpt_path continues a run in its own MLflow run, "
-            "branch_from starts a new run from a checkpoint; give one"
-        )
+        return None  # `<same overrides> ckpt_path=last`: a killed branch continues its own run
     if cfg.get("pretrained") not in (None, ""):
         raise ValueError(
             "pretrained and branch_from are both set: pretrained= takes a checkpoint's weights with a fresh "
@@ -487,7 +485,7 @@ class RunRecordCallback(pl.Callback):
         return {"best_value": self.best_value, "best_step": self.best_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if self.cfg.get("branch_from"):  # a branch is a run of its own: its best is its own, as its best.ckpt
+        if self.tags.get("branch_from"):  # a branch is a run of its own: its best is its own, as its best.ckpt
             return
         self.best_value = state_dict.get("best_value")
         self.best_step = state_dict.get("best_step")
@@ -513,7 +511,7 @@ class RunRecordCallback(pl.Callback):
         self._run_name = client.get_run(run_id).info.run_name
         resolved = OmegaConf.to_container(self.cfg, resolve=True)
         # a resumed run already has its params (MLflow forbids changing them); a branch is a new run
-        continued = trainer.ckpt_path is not None and not self.cfg.get("branch_from")
+        continued = trainer.ckpt_path is not None and not self.tags.get("branch_from")
         if not continued:
             unresolved = OmegaConf.to_container(self.cfg, resolve=False)
             model_config = pl_module.hparams.get("model_config")

@@ -521,3 +521,19 @@ def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tm
 def test_branch_from_refuses_a_time_keyed_schedule(tmp_path, cache_dir):
     proc = run_cli("run.py", [*SMALL, "experiment=cpu_60min", f"branch_from={tmp_path}/x.ckpt"], tmp_path, cache_dir)
     assert proc.returncode != 0 and "needs a step-keyed schedule" in proc.stderr + proc.stdout
+
+
+def test_a_killed_branch_resumes_its_own_run(tmp_path):
+    """`<same overrides> ckpt_path=last` (the summary's command) on a branch continues the branch's run: the
+    branch point is not applied again."""
+    from omegaconf import OmegaConf
+
+    from tasks import runner
+
+    cfg = OmegaConf.create({"branch_from": str(tmp_path / "parent.ckpt"), "ckpt_path": "last", "pretrained": None,
+                            "optim": {"time_keyed": False}, "trainer": {"max_steps": 10},
+                            "paths": {"root_dir": str(tmp_path)}})  # fmt: skip
+    assert runner.resolve_branch(cfg) is None
+    cfg.ckpt_path = None
+    with pytest.raises(FileNotFoundError, match="branch_from=.*parent.ckpt"):
+        runner.resolve_branch(cfg)
