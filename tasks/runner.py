@@ -278,7 +278,8 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path, monitor: str, mode: str = "
         enable_version_counter=False,
     )
     callbacks: list[pl.Callback] = [  # the progress bar last: tests drop it
-        best, last, FinalCheckpoint(ckpt_dir), RunIdStamp(), ModelSummary(), ProgressBar(leave=True),
+        best, last, FinalCheckpoint(ckpt_dir), ValidateAtMaxSteps(), RunIdStamp(), ModelSummary(),
+        ProgressBar(leave=True),
     ]
     budgets = budget_callback(cfg, ckpt_dir)
     if budgets is not None:
@@ -299,6 +300,20 @@ class RunIdStamp(pl.Callback):
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         run_id = getattr(trainer.logger, "run_id", None) or os.environ.get(RUN_ID_ENV)
         checkpoint["mlflow_run_id"] = run_id
+
+
+class ValidateAtMaxSteps(pl.Callback):
+    """Validates the step a run ends on at `trainer.max_steps`, whether or not it falls on `val_check_interval`.
+
+    Lightning validates every `val_check_interval` batches and when a run is asked to stop (Timer at max_time,
+    early stopping), but a run that reaches max_steps between two checks ended unmeasured: a 6,878-step run's
+    last val was at 6,499, so its curves, its best checkpoint and the summary missed the annealed end. Asking
+    it to stop at max_steps takes Lightning's own stop path, which validates that batch once (on the interval
+    too: one check, not two)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            trainer.should_stop = True
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

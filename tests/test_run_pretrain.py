@@ -472,6 +472,18 @@ def _final_weights(workdir: Path, run_id: str):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def test_a_run_ending_between_val_checks_validates_its_last_step(cache_dir, tmp_path):
+    """max_steps off the val interval (6,878 steps, val every 500) still measures the step the run ends on."""
+    check(run_cli("run.py", [*SMALL, "debug=fdr", "trainer.max_steps=5", "trainer.val_check_interval=2"],
+                  tmp_path, cache_dir))  # fmt: skip
+    (run,) = runs_of(tmp_path)
+    steps = [m.step for m in client_for(tmp_path).get_metric_history(run.info.run_id, "val/loss")]
+    # after optimizer steps 2 and 4 (the interval) and 5 (the end, once); Lightning logs a batch's metrics at
+    # the count of steps before it, as train/* (steps 0 … 4)
+    assert sorted(steps) == [1, 3, 4]
+    assert run.data.tags["stop_reason"] == "max_steps" and run.data.tags["final_step"] == "5"
+
+
 def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tmp_path):
     """A decay branched off a time-keyed warmup-stable-decay run at step 5 ends where a step-keyed run of 16
     steps does from step 0: same weights, same lr at every step, in a new MLflow run that names its parent."""
