@@ -158,13 +158,15 @@ def _lr_now(trainer: pl.Trainer) -> dict[str, float]:
     return {"lr": float(trainer.optimizers[0].param_groups[0]["lr"]), "peak_lr": float(peak[0])}
 
 
+def at_peak(record: dict[str, Any]) -> bool:
+    """Taken in the stable phase (after warmup, before the decay): a checkpoint a decay can branch from."""
+    lr, peak = record.get("lr"), record.get("peak_lr")
+    return bool(peak) and lr is not None and lr >= peak * (1 - 1e-6)
+
+
 def stable_budget(records: Iterable[dict[str, Any]], before_step: int) -> dict[str, Any] | None:
     """The latest budget before `before_step` taken at the peak lr, after warmup (None if there is none)."""
-    stable = [
-        r for r in records
-        if r.get("peak_lr") and r.get("lr") is not None and r["lr"] >= r["peak_lr"] * (1 - 1e-6)
-        and int(r["step"]) < before_step
-    ]  # fmt: skip
+    stable = [r for r in records if at_peak(r) and int(r["step"]) < before_step]
     return max(stable, key=lambda r: int(r["step"]), default=None)
 
 

@@ -1,7 +1,7 @@
 """How much does pretraining buy? Fine-tune every budget checkpoint of a pretraining run on every task.
 
     python -m tasks.study <pretraining run id> [tasks=ner,nli,sts,topic] [budgets=all|none|1000,3500]
-        [seeds=3] [lrs=3e-4,1e-3] [folds=1] [arms=hf:<folder>,...] [scratch=true]
+        [seeds=3] [lrs=3e-4,1e-3] [folds=1] [arms=hf:<folder>,...] [scratch=true] [anneal=false|true|0.2]
         [extra_args="trainer.max_epochs=6"] [scratch_args="task.pooling=mean"]
         [pretrained_args="optim.freeze_encoder_fraction=0.33"] [out_dir=...] [dry_run=false] [jobs=1]
 
@@ -33,6 +33,10 @@ subprocess, nested in MLflow under one parent run of experiment `study` (tag `ml
 overrides). Re-running the command skips every run whose key already FINISHED, so an interrupted study resumes;
 two studies side by side on one store never make the same run twice (a lock per key under
 `<mlruns>/study-locks/`: the later study makes its other runs first, then waits for the held one and reuses it).
+`anneal=true` (tasks/anneal.py): each budget a warmup-stable-decay run took at its peak lr is first decayed
+in a short pretraining branch, as a run planned to end there would have been, and the annealed end is the arm
+("step 3659 (cooldown from 2987)"), its minutes counting the cooldown's.
+
 `extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
 The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
 task) and `study.json` (every run's numbers); the table is also printed.
@@ -146,8 +150,10 @@ def budget_arms(budgets: Sequence[Mapping[str, Any]], run_id: str, recipe: Seque
     arms = []
     for b in budgets:
         path = Path(b["file"])
-        identity = (("kind", "budget"), ("run", run_id), ("step", int(b["step"])), ("sha256", file_sha256(path)))
-        arms.append(Arm(f"step {int(b['step'])}", "budget", (f"pretrained={quote(path)}",), identity,
+        run = b.get("cooldown_run") or run_id  # a cooldown's end (anneal=): its own run
+        identity = (("kind", "budget"), ("run", run), ("step", int(b["step"])), ("sha256", file_sha256(path)))
+        name = f"step {int(b['step'])}" + (f" (cooldown from {b['cooldown_from']})" if "cooldown_from" in b else "")
+        arms.append(Arm(name, "budget", (f"pretrained={quote(path)}",), identity,
                         int(b["step"]), int(b.get("tokens", 0)), float(b.get("minutes", 0.0)), tuple(recipe)))  # fmt: skip
     return arms
 
@@ -538,12 +544,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tasks.study", description=__doc__.split("\n")[0])
     parser.add_argument("run_id", help="MLflow run id (or a unique prefix) of a pretraining run with budget checkpoints")
     parser.add_argument("settings", nargs="*", metavar="key=value",
-                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= extra_args= scratch_args= "
+                        help="tasks= budgets= seeds= lrs= folds= arms= scratch= anneal= extra_args= scratch_args= "
                              "pretrained_args= out_dir= dry_run= jobs=")  # fmt: skip
     args = parser.parse_args(argv)
     known = {"tasks": None, "budgets": "all", "seeds": "3", "lrs": "3e-4,1e-3", "arms": "", "scratch": "true",
              "extra_args": "", "scratch_args": "", "pretrained_args": "", "out_dir": None, "dry_run": "false", "jobs": "1",
-             "folds": "1"}  # fmt: skip
+             "folds": "1", "anneal": "false"}  # fmt: skip
     for item in args.settings:
         key, sep, value = item.partition("=")
         if not sep or key not in known:
@@ -574,6 +580,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         dry_run=known["dry_run"].lower() in ("1", "true", "yes"),
         jobs=int(known["jobs"]),
         folds=int(known["folds"]),
+        anneal=_anneal_setting(known["anneal"], parser),
         command="python -m tasks.study " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
     )  # fmt: skip
     if not ns.seeds or not ns.lrs:
@@ -589,6 +596,48 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if ns.folds < 1:
         parser.error(f"folds={ns.folds}: 1 is the task's own split, N > 1 rotates it N times")
     return ns
+
+
+def _anneal_setting(text: str, parser: argparse.ArgumentParser) -> float | bool:
+    """anneal=false -> False; true -> True (the run's own decay share); a number -> that share."""
+    if text.lower() in ("false", "0", "no", ""):
+        return False
+    if text.lower() in ("true", "yes"):
+        return True
+    try:
+        share = float(text)
+    except ValueError:
+        parser.error(f"anneal={text}: false, true (the run's own optim.decay_fraction) or a share in (0, 1)")
+    if not 0.0 < share < 1.0:
+        parser.error(f"anneal={text}: the cooldown's share of the annealed run's steps, in (0, 1)")
+    return share
+
+
+def _with_cooldowns(client, args: argparse.Namespace, budgets: list[dict[str, Any]],
+                    lock_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:  # fmt: skip
+    """anneal=: the budgets at the peak lr replaced by their cooldowns' ends (made now, or found), the others as
+    they are; and a line per cooldown for the table's header. A dry run makes none and leaves out those not made."""
+    from tasks import anneal
+
+    parent = client.get_run(args.run_id)
+    share = None if args.anneal is True else float(args.anneal)
+    where = [a for a in args.extra_args if a.startswith(NOT_RECIPE)]
+    planned, as_is = anneal.plan(parent, budgets, share, where)
+    for budget in as_is:
+        print(f"anneal: step {int(budget['step'])} is not at the peak lr (warmup, or on the decay): used as it is")
+    if args.dry_run:
+        ends = []
+        for cooldown in planned:
+            run = anneal.finished(client, parent, cooldown)
+            print(f"anneal: step {cooldown.step} -> {cooldown.end}: " + (
+                f"done before (run {run.info.run_id})" if run else
+                f"would run, about {cooldown.minutes:.0f} min: {shlex.join(cooldown.command)}"))  # fmt: skip
+            if run is not None:
+                ends += anneal.run_cooldowns(client, parent, [cooldown], lock_dir)
+    else:
+        ends = anneal.run_cooldowns(client, parent, planned, lock_dir)
+    lines = [f"step {e['cooldown_from']} -> {e['step']} (run `{e['cooldown_run']}`)" for e in ends]
+    return sorted([*as_is, *ends], key=lambda b: int(b["step"])), lines
 
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
@@ -615,6 +664,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if unknown:
             raise SystemExit(f"budgets={sorted(unknown)}: run {args.run_id} kept only steps {[b['step'] for b in budgets]}")
         budgets = [b for b in budgets if b["step"] in wanted]
+    lock_dir = Path(first.paths.mlruns_dir) / "study-locks"
+    cooldown_lines: list[str] = []
+    if args.anneal is not False and budgets:
+        budgets, cooldown_lines = _with_cooldowns(client, args, budgets, lock_dir)
     like_from = budgets or all_budgets
     if not budgets and not args.arms and not (args.budgets == [] and args.scratch):
         raise SystemExit(
@@ -647,6 +700,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     pretrained_recipe = recipe_overrides(pretrained_args)
     if pretrained_recipe:
         spec["pretrained_recipe"] = pretrained_recipe
+    if args.anneal is not False:
+        spec["anneal"] = args.anneal
     folds = f" x {args.folds} folds" if args.folds > 1 else ""
     print(f"study of run {args.run_id}: {len(arms)} arms x {len(args.tasks)} tasks x {len(args.lrs)} lrs{folds} x "
           f"{len(args.seeds)} seeds = {len(jobs)} fine-tuning runs")  # fmt: skip
@@ -680,7 +735,6 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     if args.jobs > 1:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
-    lock_dir = Path(first.paths.mlruns_dir) / "study-locks"
     owner = f"study {parent_id} (pid {os.getpid()})"
 
     def launch(label: str, job: Job, wait: bool) -> tuple[str, Job, int | str | None, float]:
@@ -754,6 +808,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         "recipe overrides": f"`{' '.join(recipe)}`" if recipe else "none (each task's standard recipe)",
         **({"scratch's own overrides": f"`{' '.join(scratch_recipe)}`"} if scratch_recipe else {}),
         **({"pretrained arms' own overrides": f"`{' '.join(pretrained_recipe)}`"} if pretrained_recipe else {}),
+        **({"cooldowns (anneal=)": ", ".join(cooldown_lines) or "none: no budget was at the peak lr"}
+           if args.anneal is not False else {}),
         "command": f"`{args.command}`",
     }
     markdown = format_markdown(rows, args.tasks, header)

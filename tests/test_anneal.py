@@ -1,0 +1,105 @@
+"""tasks/anneal.py: a study's cooldowns (anneal=) decay a stable-phase budget as a run planned to end there."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tasks.anneal import branch_command, cooldown_end, plan
+from tasks.optim import linear_schedule
+from tests.test_run_pretrain import ROOT, check, client_for, run_cli, runs_of
+
+
+@pytest.mark.parametrize(("step", "warmup", "share"), [(2987, 300, 0.2), (5, 2, 0.5), (4000, 0, 0.1), (301, 300, 0.2)])
+def test_the_cooldown_holds_the_peak_through_its_step_then_decays_over_its_share(step, warmup, share):
+    end = cooldown_end(step, warmup, share)
+    factor = linear_schedule(end, warmup, decay_fraction=share)  # the schedule the branch runs
+    assert factor(step) == 1.0 and factor(step + 1) < 1.0  # the decay starts right after the branch point
+    assert factor(end) == pytest.approx(0.0, abs=1e-9) and factor(end - 1) > 1e-6
+    assert (end - step) == pytest.approx(share * (end - warmup), abs=1.0)  # the share of the steps after warmup
+
+
+def test_cooldown_refuses_a_warmup_step_and_a_share_outside_0_1():
+    with pytest.raises(ValueError, match="warmup"):
+        cooldown_end(300, 300, 0.2)
+    for share in (0.0, 1.0):
+        with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+            cooldown_end(1000, 300, share)
+
+
+def test_branch_command_keeps_the_parents_recipe_and_sets_the_schedule_and_store():
+    cmd = branch_command("experiment=cpu_60min seed=9 logger.run_name=a ckpt_path=last trainer.max_time=00:01:00:00 "
+                         "paths.mlruns_dir=/old budget_at_end=false", "/x/budget-step2987.ckpt", 3659, 0.2, "a-cd",
+                         ["paths.mlruns_dir=/new"])  # fmt: skip
+    assert cmd[:2] == [sys.executable, str(ROOT / "run.py")]
+    assert cmd[2:] == ["experiment=cpu_60min", "seed=9", "branch_from=/x/budget-step2987.ckpt",
+                       "trainer.max_steps=3659", "trainer.max_time=null", "optim.time_keyed=false",
+                       "optim.decay_fraction=0.2", "logger.run_name=a-cd", "budget_at_end=true",
+                       "paths.mlruns_dir=/new"]  # fmt: skip
+
+
+def _run(params, budgets_dir="/c"):
+    return SimpleNamespace(info=SimpleNamespace(run_id="p" * 32, experiment_id="1"),
+                           data=SimpleNamespace(params=params, tags={"mlflow.runName": "cpu-60min",
+                                                                     "overrides": "experiment=cpu_60min"}))  # fmt: skip
+
+
+def test_plan_anneals_the_budgets_at_the_peak_and_keeps_the_others():
+    params = {"optim.warmup_steps": "300", "optim.warmup_fraction": "None", "optim.decay_fraction": "0.2"}
+    budgets = [{"step": 200, "lr": 6e-4, "peak_lr": 1e-3, "minutes": 2.0, "file": "/c/budget-step200.ckpt"},
+               {"step": 2987, "lr": 1e-3, "peak_lr": 1e-3, "minutes": 40.0, "file": "/c/budget-step2987.ckpt"},
+               {"step": 4300, "lr": 1e-5, "peak_lr": 1e-3, "minutes": 60.0, "file": "/c/budget-step4300.ckpt"},
+               {"step": 900, "minutes": 9.0, "file": "/c/budget-step900.ckpt"}]  # fmt: skip  # no lr: an older run
+    cooldowns, as_is = plan(_run(params), budgets, None)
+    assert [c.step for c in cooldowns] == [2987] and cooldowns[0].end == 3659 and cooldowns[0].fraction == 0.2
+    assert [b["step"] for b in as_is] == [200, 4300, 900]
+    assert cooldowns[0].minutes == pytest.approx(40.0 / 2987 * (3659 - 2987))
+    assert "logger.run_name=cpu-60min-cooldown2987-to3659" in cooldowns[0].command
+    assert plan(_run(params), budgets, 0.5)[0][0].end == 300 + 2 * 2687
+    with pytest.raises(SystemExit, match="decays over its whole budget"):
+        plan(_run({**params, "optim.decay_fraction": "1.0"}), budgets, None)
+    with pytest.raises(SystemExit, match="warmup_fraction"):
+        plan(_run({**params, "optim.warmup_fraction": "0.1"}), budgets, None)
+
+
+@pytest.mark.slow
+def test_a_study_with_anneal_fine_tunes_the_cooldowns_end_and_reuses_it(tmp_path):
+    """A warmup-stable-decay parent with a budget at its peak (step 5): the study branches a decay to step 8 (a
+    half of the steps after warmup), fine-tunes that, and a second study finds the cooldown done."""
+    workdir, cache = tmp_path / "w", tmp_path / "cache"
+    workdir.mkdir()
+    pre = ["data=petition_small", "debug=fdr", "optim.lr=4e-3", "optim.warmup_steps=2", "optim.decay_fraction=0.5",
+           "optim.time_keyed=true", "trainer.max_time=00:00:30:00", "trainer.max_steps=10",
+           "keep_checkpoints_at_steps=[1,5]", "trainer.val_check_interval=5"]  # fmt: skip
+    check(run_cli("run.py", pre, workdir, cache))
+    (parent,) = runs_of(workdir)
+    extra = f"debug=fdr paths.mlruns_dir={workdir}/mlruns paths.cache_dir={cache} paths.checkpoint_dir={workdir}/ck"
+    cmd = [sys.executable, "-m", "tasks.study", parent.info.run_id, "tasks=ner", "seeds=1", "lrs=1e-3",
+           "scratch=false", "budgets=1,5", "anneal=true", f"extra_args={extra}", f"out_dir={tmp_path / 'study'}"]  # fmt: skip
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    check(first)
+    assert "step 1 is not at the peak lr" in first.stdout  # in warmup: used as it is
+    assert "cooldown 1/1: step 5 -> 8" in first.stdout, first.stdout[-3000:]
+
+    client = client_for(workdir)
+    (cooldown,) = [r for r in runs_of(workdir) if r.info.run_id != parent.info.run_id]
+    tags = cooldown.data.tags
+    assert (tags["branch_run_id"], tags["branch_step"], tags["final_step"]) == (parent.info.run_id, "5", "8")
+    lr = {m.step: m.value for m in client.get_metric_history(cooldown.info.run_id, "lr")}
+    assert lr[5] == pytest.approx(4e-3) and lr[6] < 4e-3 and lr[7] < lr[6]  # the peak, then the decay
+    children = [r for r in runs_of(workdir, "study") if r.data.tags.get("study_parent") != "true"]
+    assert sorted(r.data.tags["study_arm"] for r in children) == ["step 1", "step 8 (cooldown from 5)"]
+    annealed = next(r for r in children if r.data.tags["study_arm"].startswith("step 8"))
+    assert Path(annealed.data.tags["pretrained_ckpt"]).name == "budget-step8.ckpt"
+    assert cooldown.info.run_id in annealed.data.tags["pretrained_ckpt"]  # the cooldown's own checkpoint
+    assert "step 8 (cooldown from 5)" in (tmp_path / "study" / "study.md").read_text()
+
+    again = subprocess.run([*cmd[:-1], f"out_dir={tmp_path / 'again'}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+    check(again)
+    assert "cooldown 1/1: step 5 -> 8: done before" in again.stdout and "launched 0, reused 2" in again.stdout
+    assert len(runs_of(workdir)) == 2  # no second cooldown
