@@ -77,6 +77,8 @@ def plan(parent: Any, budgets: Sequence[dict[str, Any]], anneal: float | None,
             f"{params['optim.warmup_fraction']}), which moves with the cooldown's length; anneal needs "
             "optim.warmup_steps"
         )
+    if "overrides" not in tags:
+        raise SystemExit(f"anneal: run {parent.info.run_id} has no `overrides` tag, so its recipe cannot be rebuilt")
     warmup = int(params.get("optim.warmup_steps") or 0)
     fraction = anneal if anneal is not None else float(params.get("optim.decay_fraction") or 1.0)
     if fraction >= 1.0:

@@ -357,7 +357,8 @@ def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
 
 
 def plot_title(run_id: str, recipe: Sequence[str], scratch_recipe: Sequence[str], seeds: Sequence[int],
-               lrs: Sequence[float], folds: int, panels: int, pretrained_recipe: Sequence[str] = ()) -> str:  # fmt: skip
+               lrs: Sequence[float], folds: int, panels: int, pretrained_recipe: Sequence[str] = (),
+               cooldowns: str = "") -> str:  # fmt: skip
     """What a reader of the picture alone needs to know the arms were made alike (or how not), wrapped to fit."""
     import textwrap
 
@@ -369,6 +370,8 @@ def plot_title(run_id: str, recipe: Sequence[str], scratch_recipe: Sequence[str]
         lines.append(f"scratch (0 min) also: {' '.join(scratch_recipe)}")
     if pretrained_recipe:
         lines.append(f"pretrained arms also: {' '.join(pretrained_recipe)}")
+    if cooldowns:
+        lines.append(f"budgets at the peak lr decayed first (cooldowns, {cooldowns})")
     width = int(4.4 * panels * 13)  # characters at fontsize 9 across the figure (110 dpi)
     return "\n".join(textwrap.fill(line, width, subsequent_indent="    ") for line in lines)
 
@@ -381,18 +384,20 @@ def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -
     plt = pyplot()
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        points = [(r.minutes or 0.0, r.cells[task], r.steps) for r in rows if r.kind != "hf" and task in r.cells]
+        points = [(r.minutes or 0.0, r.cells[task], r.steps, r.arm) for r in rows
+                  if r.kind != "hf" and task in r.cells]  # fmt: skip
         curve = sorted(points, key=lambda point: point[0])  # by x only: Cells do not order
         if curve:
-            xs = [m for m, _, _ in curve]
-            over = "folds" if any(c.per_fold for _, c, _ in curve) else "seeds"
-            ax.errorbar(xs, [c.mean for _, c, _ in curve], yerr=[c.std or 0.0 for _, c, _ in curve], marker="o",
+            xs = [m for m, *_ in curve]
+            over = "folds" if any(c.per_fold for _, c, *_ in curve) else "seeds"
+            ax.errorbar(xs, [c.mean for _, c, *_ in curve], yerr=[c.std or 0.0 for _, c, *_ in curve], marker="o",
                         capsize=3, label=f"this run (0 = scratch); bars: std over {over}")  # fmt: skip
             # minutes depend on the machine (and on what else ran on it); the steps say how far training got
-            for x, cell, steps in curve:
+            for x, cell, steps, arm in curve:
                 if steps:
-                    ax.annotate(f"{steps:,} steps", (x, cell.mean), textcoords="offset points", xytext=(-5, 4),
-                                ha="right", fontsize=7)  # fmt: skip
+                    text = f"{steps:,} steps" + (" (cooldown)" if "cooldown" in arm else "")
+                    ax.annotate(text, (x, cell.mean), textcoords="offset points", xytext=(-5, 4), ha="right",
+                                fontsize=7)  # fmt: skip
         for i, row in enumerate(r for r in rows if r.kind == "hf" and task in r.cells):
             ax.axhline(row.cells[task].mean, linestyle="--", color=f"C{i + 1}", label=row.arm)
         ax.set_title(task)
@@ -797,8 +802,10 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
             report(*result)
 
     rows = tabulate(client, jobs, arms, found, configs)
+    share = "" if args.anneal is False else "anneal=true: the run's own decay share" if args.anneal is True else \
+        f"anneal={args.anneal:g}"
     title = plot_title(args.run_id, recipe, scratch_recipe, args.seeds, args.lrs, args.folds, len(args.tasks),
-                       pretrained_recipe)
+                       pretrained_recipe, share)
     header = {
         "pretraining run": f"`{args.run_id}`",
         "study run": f"`{parent_id}` (experiment `{EXPERIMENT}`)",

@@ -42,7 +42,7 @@ def test_branch_command_keeps_the_parents_recipe_and_sets_the_schedule_and_store
                        "paths.mlruns_dir=/new"]  # fmt: skip
 
 
-def _run(params, budgets_dir="/c"):
+def _run(params):
     return SimpleNamespace(info=SimpleNamespace(run_id="p" * 32, experiment_id="1"),
                            data=SimpleNamespace(params=params, tags={"mlflow.runName": "cpu-60min",
                                                                      "overrides": "experiment=cpu_60min"}))  # fmt: skip
@@ -103,3 +103,17 @@ def test_a_study_with_anneal_fine_tunes_the_cooldowns_end_and_reuses_it(tmp_path
     check(again)
     assert "cooldown 1/1: step 5 -> 8: done before" in again.stdout and "launched 0, reused 2" in again.stdout
     assert len(runs_of(workdir)) == 2  # no second cooldown
+
+
+def test_the_anneal_setting():
+    from tasks.study import parse_args, plot_title
+
+    assert parse_args(["abc"]).anneal is False
+    assert parse_args(["abc", "anneal=true"]).anneal is True  # the parent's own decay share
+    assert parse_args(["abc", "anneal=0.3"]).anneal == 0.3
+    assert parse_args(["abc", "anneal=0"]).anneal is False
+    for bad in ("1.5", "soon"):
+        with pytest.raises(SystemExit):
+            parse_args(["abc", f"anneal={bad}"])
+    title = plot_title("abc", [], [], [0], [1e-3], 1, 1, cooldowns="anneal=0.3")
+    assert "decayed first (cooldowns, anneal=0.3)" in title.replace("\n    ", " ")
