@@ -27,8 +27,10 @@ from tasks.budgets import at_peak
 
 ROOT = Path(__file__).resolve().parents[1]
 # set per cooldown: the parent's own values of these are replaced, and a resume or a second start is dropped
-SET_HERE = ("branch_from", "trainer.max_steps", "trainer.max_time", "optim.time_keyed", "optim.decay_fraction",
-            "logger.run_name", "budget_at_end", "ckpt_path", "pretrained")  # fmt: skip
+SET_HERE = ("branch_from", "trainer.max_steps", "trainer.max_time", "trainer.max_epochs", "optim.time_keyed",
+            "optim.decay_fraction", "logger.run_name", "budget_at_end", "expected_steps", "ckpt_path", "pretrained")  # fmt: skip
+# what of a study's extra_args also says where a cooldown goes: the store and the folders, not run names
+WHERE = ("paths.", "hydra.", "logger.tracking_uri", "logger.artifact_location")
 
 
 def cooldown_end(step: int, warmup_steps: int, fraction: float) -> int:
@@ -59,8 +61,10 @@ def branch_command(parent_overrides: str, ckpt: str | Path, end: int, fraction: 
     """`python run.py <the parent's overrides> branch_from=<ckpt> ...`: the parent's recipe, keyed to steps."""
     from tasks.study import override_key
 
-    ours = [f"branch_from={ckpt}", f"trainer.max_steps={end}", "trainer.max_time=null", "optim.time_keyed=false",
-            f"optim.decay_fraction={fraction:g}", f"logger.run_name={run_name}", "budget_at_end=true", *where]  # fmt: skip
+    where = [o for o in where if o.lstrip("+~").startswith(WHERE)]
+    ours = [f"branch_from={ckpt}", f"trainer.max_steps={end}", "trainer.max_time=null", "trainer.max_epochs=-1",
+            "optim.time_keyed=false", f"optim.decay_fraction={fraction!r}", f"logger.run_name={run_name}",
+            "budget_at_end=true", "expected_steps=null", *where]  # fmt: skip
     drop = set(SET_HERE) | {override_key(o) for o in where}
     kept = [o for o in shlex.split(parent_overrides) if override_key(o) not in drop]
     return [sys.executable, str(ROOT / "run.py"), *kept, *ours]
@@ -71,7 +75,8 @@ def plan(parent: Any, budgets: Sequence[dict[str, Any]], anneal: float | None,
     """(cooldowns for the budgets at the peak lr, the budgets used as they are). `parent`: the MLflow run;
     `anneal`: the decay's share, None for the parent's own `optim.decay_fraction`."""
     params, tags = parent.data.params, parent.data.tags
-    if params.get("optim.warmup_fraction") not in (None, "None", "null"):
+    unset = (None, "", "None", "null")
+    if params.get("optim.warmup_steps") in unset and params.get("optim.warmup_fraction") not in unset + ("0", "0.0"):
         raise SystemExit(
             f"anneal: run {parent.info.run_id} warms up over a fraction of its steps (optim.warmup_fraction="
             f"{params['optim.warmup_fraction']}), which moves with the cooldown's length; anneal needs "
@@ -79,8 +84,9 @@ def plan(parent: Any, budgets: Sequence[dict[str, Any]], anneal: float | None,
         )
     if "overrides" not in tags:
         raise SystemExit(f"anneal: run {parent.info.run_id} has no `overrides` tag, so its recipe cannot be rebuilt")
-    warmup = int(params.get("optim.warmup_steps") or 0)
+    warmup = 0 if params.get("optim.warmup_steps") in unset else int(float(params["optim.warmup_steps"]))
     fraction = anneal if anneal is not None else float(params.get("optim.decay_fraction") or 1.0)
+    fraction = float(f"{fraction:.6g}")  # one value for the schedule, the command and finding the run again
     if fraction >= 1.0:
         raise SystemExit(
             f"anneal=true: run {parent.info.run_id} decays over its whole budget (optim.decay_fraction="
@@ -103,12 +109,13 @@ def plan(parent: Any, budgets: Sequence[dict[str, Any]], anneal: float | None,
 
 
 def finished(client: Any, parent: Any, cooldown: Cooldown) -> Any | None:
-    """A FINISHED cooldown of this parent, step, end and share (made by an earlier study), or None."""
-    query = (f"tags.branch_run_id = '{parent.info.run_id}' and tags.branch_step = '{cooldown.step}' and "
-             f"tags.final_step = '{cooldown.end}' and attributes.status = 'FINISHED'")  # fmt: skip
+    """A FINISHED cooldown of this budget file, end and share (made by an earlier study), or None. Keyed on the
+    file, not on `branch_run_id`: a branch's budgets before its branch step are its parent's files."""
+    query = f"tags.final_step = '{cooldown.end}' and attributes.status = 'FINISHED'"
     for run in client.search_runs([parent.info.experiment_id], filter_string=query,
                                   order_by=["attributes.end_time DESC"]):  # fmt: skip
-        if math.isclose(float(run.data.params.get("optim.decay_fraction", "nan")), cooldown.fraction):
+        same_file = run.data.tags.get("branch_from") == str(cooldown.budget["file"])
+        if same_file and math.isclose(float(run.data.params.get("optim.decay_fraction", "nan")), cooldown.fraction):
             return run
     return None
 
@@ -117,7 +124,7 @@ def run_cooldowns(client: Any, parent: Any, cooldowns: Sequence[Cooldown], lock_
                   say: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
     """Make (or reuse) each cooldown, one at a time with every core (each is a pretraining run, its progress bar
     in this terminal), and return the budget record of its annealed end, naming where it came from."""
-    from tasks.study import key_lock, read_budgets
+    from tasks.study import key_lock
 
     out = []
     for i, cooldown in enumerate(cooldowns, 1):
@@ -133,8 +140,15 @@ def run_cooldowns(client: Any, parent: Any, cooldowns: Sequence[Cooldown], lock_
                     raise SystemExit(f"{label} failed (exit {returncode}); its command: {shlex.join(cooldown.command)}")
             else:
                 say(f"{label}: done before (run {run.info.run_id})")
-        ends = [b for b in read_budgets(client, run.info.run_id, "") if int(b["step"]) == cooldown.end]
-        if not ends:
-            raise SystemExit(f"{label}: run {run.info.run_id} kept no budget checkpoint at step {cooldown.end}")
-        out.append({**ends[0], "cooldown_from": cooldown.step, "cooldown_run": run.info.run_id})
+        out.append(annealed_end(client, run, cooldown))
     return out
+
+
+def annealed_end(client: Any, run: Any, cooldown: Cooldown) -> dict[str, Any]:
+    """The budget record of a finished cooldown's last step, naming the budget it came from and its run."""
+    from tasks.study import read_budgets
+
+    ends = [b for b in read_budgets(client, run.info.run_id, "") if int(b["step"]) == cooldown.end]
+    if not ends:
+        raise SystemExit(f"cooldown run {run.info.run_id} kept no budget checkpoint at step {cooldown.end}")
+    return {**ends[0], "cooldown_from": cooldown.step, "cooldown_run": run.info.run_id}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -671,7 +672,7 @@ def run_choices() -> dict[str, str]:
         hydra_cfg = HydraConfig.get()
     except ValueError:  # composed outside @hydra.main (tests)
         return {}
-    tags = {"overrides": " ".join(hydra_cfg.overrides.task)}
+    tags = {"overrides": shlex.join(hydra_cfg.overrides.task)}  # shell-quoted: tasks.anneal splits it back
     for group in ("model", "data", "experiment", "task"):
         if group in hydra_cfg.runtime.choices:
             tags[group] = str(hydra_cfg.runtime.choices[group] or "none")

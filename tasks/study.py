@@ -629,7 +629,8 @@ def _with_cooldowns(client, args: argparse.Namespace, budgets: list[dict[str, An
     where = [a for a in args.extra_args if a.startswith(NOT_RECIPE)]
     planned, as_is = anneal.plan(parent, budgets, share, where)
     for budget in as_is:
-        print(f"anneal: step {int(budget['step'])} is not at the peak lr (warmup, or on the decay): used as it is")
+        print(f"anneal: step {int(budget['step'])} was not taken at the peak lr after warmup (or its lr was not "
+              "recorded): used as it is")
     if args.dry_run:
         ends = []
         for cooldown in planned:
@@ -638,7 +639,7 @@ def _with_cooldowns(client, args: argparse.Namespace, budgets: list[dict[str, An
                 f"done before (run {run.info.run_id})" if run else
                 f"would run, about {cooldown.minutes:.0f} min: {shlex.join(cooldown.command)}"))  # fmt: skip
             if run is not None:
-                ends += anneal.run_cooldowns(client, parent, [cooldown], lock_dir)
+                ends.append(anneal.annealed_end(client, run, cooldown))
     else:
         ends = anneal.run_cooldowns(client, parent, planned, lock_dir)
     lines = [f"step {e['cooldown_from']} -> {e['step']} (run `{e['cooldown_run']}`)" for e in ends]
@@ -673,6 +674,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     cooldown_lines: list[str] = []
     if args.anneal is not False and budgets:
         budgets, cooldown_lines = _with_cooldowns(client, args, budgets, lock_dir)
+    if args.dry_run and args.anneal is not False and not budgets:
+        print("dry run: the cooldowns above come first; their fine-tuning runs are listed once they exist")
+        return {"launched": 0, "reused": 0, "failed": [], "jobs": []}
     like_from = budgets or all_budgets
     if not budgets and not args.arms and not (args.budgets == [] and args.scratch):
         raise SystemExit(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from tasks.anneal import branch_command, cooldown_end, plan
+from tasks.anneal import branch_command, cooldown_end, finished, plan
 from tasks.optim import linear_schedule
 from tests.test_run_pretrain import ROOT, check, client_for, run_cli, runs_of
 
@@ -32,14 +33,18 @@ def test_cooldown_refuses_a_warmup_step_and_a_share_outside_0_1():
 
 
 def test_branch_command_keeps_the_parents_recipe_and_sets_the_schedule_and_store():
-    cmd = branch_command("experiment=cpu_60min seed=9 logger.run_name=a ckpt_path=last trainer.max_time=00:01:00:00 "
-                         "paths.mlruns_dir=/old budget_at_end=false", "/x/budget-step2987.ckpt", 3659, 0.2, "a-cd",
-                         ["paths.mlruns_dir=/new"])  # fmt: skip
+    # the tag as tasks.runner writes it: shell-quoted, so a value with a space or Hydra's quotes comes back whole
+    parent = shlex.join(["experiment=cpu_60min", "seed=9", "logger.run_name=a", "ckpt_path=last",
+                         "trainer.max_time=00:01:00:00", "paths.mlruns_dir=/old", "budget_at_end=false",
+                         "keep_checkpoints_at_steps=[1000, 3500]", "+x='a,b'"])  # fmt: skip
+    cmd = branch_command(parent, "/x/budget-step2987.ckpt", 3659, 0.2, "a-cd",
+                         ["paths.mlruns_dir=/new", "logger.run_name=mine", "debug=fdr"])  # fmt: skip
     assert cmd[:2] == [sys.executable, str(ROOT / "run.py")]
-    assert cmd[2:] == ["experiment=cpu_60min", "seed=9", "branch_from=/x/budget-step2987.ckpt",
-                       "trainer.max_steps=3659", "trainer.max_time=null", "optim.time_keyed=false",
-                       "optim.decay_fraction=0.2", "logger.run_name=a-cd", "budget_at_end=true",
-                       "paths.mlruns_dir=/new"]  # fmt: skip
+    assert cmd[2:] == ["experiment=cpu_60min", "seed=9", "keep_checkpoints_at_steps=[1000, 3500]", "+x='a,b'",
+                       "branch_from=/x/budget-step2987.ckpt", "trainer.max_steps=3659", "trainer.max_time=null",
+                       "trainer.max_epochs=-1", "optim.time_keyed=false", "optim.decay_fraction=0.2",
+                       "logger.run_name=a-cd", "budget_at_end=true", "expected_steps=null",
+                       "paths.mlruns_dir=/new"]  # fmt: skip  # the study's recipe and run names are not the cooldown's
 
 
 def _run(params):
@@ -62,8 +67,38 @@ def test_plan_anneals_the_budgets_at_the_peak_and_keeps_the_others():
     assert plan(_run(params), budgets, 0.5)[0][0].end == 300 + 2 * 2687
     with pytest.raises(SystemExit, match="decays over its whole budget"):
         plan(_run({**params, "optim.decay_fraction": "1.0"}), budgets, None)
-    with pytest.raises(SystemExit, match="warmup_fraction"):
-        plan(_run({**params, "optim.warmup_fraction": "0.1"}), budgets, None)
+    with pytest.raises(SystemExit, match="warmup_fraction"):  # a warmup that would move with the cooldown's length
+        plan(_run({**params, "optim.warmup_steps": "None", "optim.warmup_fraction": "0.1"}), budgets, None)
+    assert plan(_run({**params, "optim.warmup_fraction": "0.1"}), budgets, None)[0]  # warmup_steps wins: fine
+    (odd,), _ = plan(_run(params), budgets, 0.1234567)  # one value for the schedule, the command, the lookup
+    assert odd.fraction == 0.123457 and "optim.decay_fraction=0.123457" in odd.command
+    assert odd.end == cooldown_end(2987, 300, 0.123457)
+
+
+def test_a_cooldown_is_found_by_its_budget_file_end_and_share():
+    """Not by `branch_run_id`: a branch's budgets from before its branch step are its parent's files, so a
+    cooldown of one names the grandparent."""
+    params = {"optim.warmup_steps": "300", "optim.decay_fraction": "0.2"}
+    budget = {"step": 2987, "lr": 1e-3, "peak_lr": 1e-3, "minutes": 40.0, "file": "/grandparent/budget-step2987.ckpt"}
+    (cooldown,), _ = plan(_run(params), [budget], None)
+
+    def made(file, share):
+        return SimpleNamespace(data=SimpleNamespace(tags={"branch_from": file, "branch_run_id": "g" * 32},
+                                                    params={"optim.decay_fraction": share}))  # fmt: skip
+
+    class Client:
+        def __init__(self, runs):
+            self.runs, self.queries = runs, []
+
+        def search_runs(self, experiment_ids, filter_string, order_by):
+            self.queries.append(filter_string)
+            return self.runs
+
+    right = made(budget["file"], "0.2")
+    client = Client([made("/other/budget-step2987.ckpt", "0.2"), made(budget["file"], "0.3"), right])
+    assert finished(client, _run(params), cooldown) is right
+    assert client.queries == ["tags.final_step = '3659' and attributes.status = 'FINISHED'"]
+    assert finished(Client([made(budget["file"], "0.3")]), _run(params), cooldown) is None
 
 
 @pytest.mark.slow
@@ -82,7 +117,7 @@ def test_a_study_with_anneal_fine_tunes_the_cooldowns_end_and_reuses_it(tmp_path
            "scratch=false", "budgets=1,5", "anneal=true", f"extra_args={extra}", f"out_dir={tmp_path / 'study'}"]  # fmt: skip
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     check(first)
-    assert "step 1 is not at the peak lr" in first.stdout  # in warmup: used as it is
+    assert "step 1 was not taken at the peak lr" in first.stdout  # in warmup: used as it is
     assert "cooldown 1/1: step 5 -> 8" in first.stdout, first.stdout[-3000:]
 
     client = client_for(workdir)

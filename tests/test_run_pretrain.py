@@ -472,16 +472,18 @@ def _final_weights(workdir: Path, run_id: str):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_a_run_ending_between_val_checks_validates_its_last_step(cache_dir, tmp_path):
-    """max_steps off the val interval (6,878 steps, val every 500) still measures the step the run ends on."""
-    check(run_cli("run.py", [*SMALL, "debug=fdr", "trainer.max_steps=5", "trainer.val_check_interval=2"],
+@pytest.mark.parametrize(("max_steps", "logged"), [(5, [1, 3, 4]), (4, [1, 3])])
+def test_a_run_ending_between_val_checks_validates_its_last_step(cache_dir, tmp_path, max_steps, logged):
+    """max_steps off the val interval (6,878 steps, val every 500) still measures the step the run ends on;
+    on the interval, once."""
+    check(run_cli("run.py", [*SMALL, "debug=fdr", f"trainer.max_steps={max_steps}", "trainer.val_check_interval=2"],
                   tmp_path, cache_dir))  # fmt: skip
     (run,) = runs_of(tmp_path)
     steps = [m.step for m in client_for(tmp_path).get_metric_history(run.info.run_id, "val/loss")]
-    # after optimizer steps 2 and 4 (the interval) and 5 (the end, once); Lightning logs a batch's metrics at
-    # the count of steps before it, as train/* (steps 0 … 4)
-    assert sorted(steps) == [1, 3, 4]
-    assert run.data.tags["stop_reason"] == "max_steps" and run.data.tags["final_step"] == "5"
+    # after optimizer steps 2 and 4 (the interval) and 5 (the end); Lightning logs a batch's metrics at the
+    # count of steps before it, as train/* (steps 0 … 4)
+    assert sorted(steps) == logged
+    assert run.data.tags["stop_reason"] == "max_steps" and run.data.tags["final_step"] == str(max_steps)
 
 
 def test_branch_from_a_stable_phase_checkpoint_is_the_straight_run(cache_dir, tmp_path):
