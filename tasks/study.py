@@ -33,13 +33,13 @@ subprocess, nested in MLflow under one parent run of experiment `study` (tag `ml
 overrides). Re-running the command skips every run whose key already FINISHED, so an interrupted study resumes;
 two studies side by side on one store never make the same run twice (a lock per key under
 `<mlruns>/study-locks/`: the later study makes its other runs first, then waits for the held one and reuses it).
-`anneal=true` (tasks/anneal.py): each budget a warmup-stable-decay run took at its peak lr is first decayed
-in a short pretraining branch, as a run planned to end there would have been, and the annealed end is the arm
-("step 3659 (cooldown from 2987)"), its minutes counting the cooldown's.
-
 `extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
 The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
 task) and `study.json` (every run's numbers); the table is also printed.
+
+`anneal=true` (tasks/anneal.py): each budget a warmup-stable-decay run took at its peak lr is first decayed
+in a short pretraining branch, as a run planned to end there would have been, and the annealed end is the arm
+("step 3659 (cooldown from 2987)"), its minutes counting the cooldown's.
 """
 
 from __future__ import annotations
