@@ -392,12 +392,14 @@ def plot(rows: Sequence[Row], tasks: Sequence[str], out_png: Path, title: str) -
             over = "folds" if any(c.per_fold for _, c, *_ in curve) else "seeds"
             ax.errorbar(xs, [c.mean for _, c, *_ in curve], yerr=[c.std or 0.0 for _, c, *_ in curve], marker="o",
                         capsize=3, label=f"this run (0 = scratch); bars: std over {over}")  # fmt: skip
-            # minutes depend on the machine (and on what else ran on it); the steps say how far training got
+            # minutes depend on the machine (and on what else ran on it); the steps say how far training got.
+            # Labels sit left of their point, but the leftmost one's to the right, where the panel has room.
             for x, cell, steps, arm in curve:
                 if steps:
                     text = f"{steps:,} steps" + (" (cooldown)" if "cooldown" in arm else "")
-                    ax.annotate(text, (x, cell.mean), textcoords="offset points", xytext=(-5, 4), ha="right",
-                                fontsize=7)  # fmt: skip
+                    left = x == xs[0]
+                    ax.annotate(text, (x, cell.mean), textcoords="offset points", xytext=(5 if left else -5, 4),
+                                ha="left" if left else "right", fontsize=7)  # fmt: skip
         for i, row in enumerate(r for r in rows if r.kind == "hf" and task in r.cells):
             ax.axhline(row.cells[task].mean, linestyle="--", color=f"C{i + 1}", label=row.arm)
         ax.set_title(task)

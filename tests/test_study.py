@@ -620,3 +620,31 @@ def test_the_plot_says_how_the_arms_were_made_scratch_overrides_included():
     assert plain.splitlines() == ["pretraining run 6fac4d78; seeds 0, 1, 2; lr 0.001", "recipe: each task standard"]
     long = plot_title("r", [f"task.option_{i}=value" for i in range(20)], [], [0], [1e-3], 1, 1)
     assert all(len(line) <= 4.4 * 13 for line in long.splitlines()) and len(long.splitlines()) > 2
+
+
+def test_every_step_label_of_the_plot_lies_inside_its_panel(tmp_path, monkeypatch):
+    """Without a scratch arm the leftmost point is a budget: its label used to run over the panel's left edge."""
+    import tasks.plots
+    import tasks.study
+
+    drawn = []
+    real_save = tasks.plots.save_figure
+
+    def save(fig, out_png, suptitle="", dpi=120):
+        fig.tight_layout()
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        for ax in fig.axes:
+            frame = ax.get_window_extent(renderer)
+            for text in ax.texts:
+                box = text.get_window_extent(renderer)
+                drawn.append((text.get_text(), box.x0 >= frame.x0 and box.x1 <= frame.x1))
+        return real_save(fig, out_png, suptitle, dpi)
+
+    monkeypatch.setattr(tasks.plots, "save_figure", save)
+    cell = lambda mean: Cell(mean=mean, std=0.01, n=3, lr=1e-3, val=mean)  # noqa: E731
+    rows = [Row("step 2282 (cooldown from 1885)", "budget", 35.3, 2282, None, {"ner": cell(0.751)}),
+            Row("step 4256", "budget", 60.0, 4256, None, {"ner": cell(0.752)})]  # fmt: skip
+    assert tasks.study.plot(rows, ["ner"], tmp_path / "study.png", "title").exists()
+    assert [text for text, _ in drawn] == ["2,282 steps (cooldown)", "4,256 steps"]
+    assert all(inside for _, inside in drawn), drawn
