@@ -35,7 +35,9 @@ two studies side by side on one store never make the same run twice (a lock per 
 `<mlruns>/study-locks/`: the later study makes its other runs first, then waits for the held one and reuses it).
 `extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
 The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
-task) and `study.json` (every run's numbers); the table is also printed.
+task) and `study.json` (every run's numbers); the table is also printed. The table is also the parent run's
+description, and its cells its metrics (`<task>/test`, `<task>/gain`, ...) at each arm's pretraining step, so
+the MLflow UI draws the study's curves.
 
 `anneal=true` (tasks/anneal.py): each budget a warmup-stable-decay run took at its peak lr is first decayed
 in a short pretraining branch, as a run planned to end there would have been, and the annealed end is the arm
@@ -340,6 +342,68 @@ def format_markdown(rows: Sequence[Row], tasks: Sequence[str], header: Mapping[s
         cells = " | ".join(format_cell(row.cells.get(t)) for t in tasks)
         lines.append(f"| {row.arm} | {minutes} | {steps} | {tokens} | {cells} |")
     return "\n".join(lines) + "\n"
+
+
+DESCRIPTION_LIMIT = 8000  # MLflow's longest tag value; the run's description is the tag mlflow.note.content
+
+
+def description(markdown: str, limit: int = DESCRIPTION_LIMIT) -> str:
+    """study.md as the parent run's description, so its Overview page in the MLflow UI shows the table rather than
+    "No description": the table first (the UI folds a long description after a few lines), then the header
+    without study.md's title (the run's name says it). A table too long for a tag is cut at a line and points
+    to the artifact."""
+    lines = [line for line in markdown.splitlines() if not line.startswith("# ")]
+    table = [line for line in lines if line.startswith("|")]
+    rest = [line for line in lines if not line.startswith("|")]
+    markdown = "\n".join(table + rest).strip("\n") + "\n"
+    if len(markdown) <= limit:
+        return markdown
+    tail = "\n\n(cut here: the whole table is the artifact study.md)\n"
+    return markdown[: markdown.rfind("\n", 0, limit - len(tail))] + tail
+
+
+def study_metrics(rows: Sequence[Row], tasks: Sequence[str]) -> list[tuple[str, float, int]]:
+    """The table as (key, value, step) metrics of the parent run, each at its arm's pretraining step (scratch at
+    0), so the MLflow UI charts `<task>/test` and `<task>/gain` against steps: the study's curve, and studies
+    side by side in the runs table. `<task>/gain` is the arm minus scratch (paired over folds where there are
+    folds). Arms without a step (hf: folders) stay in study.md only."""
+    scratch = next((r for r in rows if r.kind == "scratch"), None)
+    metrics = []
+    for row in rows:
+        if row.steps is None:
+            continue
+        for task in tasks:
+            cell = row.cells.get(task)
+            if cell is None:
+                continue
+            metrics += [(f"{task}/test", cell.mean, row.steps), (f"{task}/val", cell.val, row.steps)]
+            if cell.std is not None:
+                metrics.append((f"{task}/test_std", cell.std, row.steps))
+            base = scratch.cells.get(task) if scratch is not None else None
+            if row is scratch:
+                metrics.append((f"{task}/gain", 0.0, row.steps))
+            elif base is not None:
+                gain = cell.gain[0] if cell.gain is not None else cell.mean - base.mean
+                metrics.append((f"{task}/gain", gain, row.steps))
+    return metrics
+
+
+def log_to_parent(client, parent_id: str, markdown: str, rows: Sequence[Row], tasks: Sequence[str]) -> None:
+    """Description and metrics of the study's parent run. A resumed study logs only values not already logged at
+    that step, so the charts get no duplicate points."""
+    from mlflow.entities import Metric
+
+    client.set_tag(parent_id, "mlflow.note.content", description(markdown))
+    now = int(time.time() * 1000)
+    logged: dict[str, set[tuple[int, float]]] = {}
+    new = []
+    for key, value, step in study_metrics(rows, tasks):
+        if key not in logged:
+            logged[key] = {(m.step, m.value) for m in client.get_metric_history(parent_id, key)}
+        if (step, float(value)) not in logged[key]:
+            new.append(Metric(key, float(value), now, step))
+    for start in range(0, len(new), 1000):  # MLflow takes at most 1,000 metrics a batch
+        client.log_batch(parent_id, metrics=new[start : start + 1000])
 
 
 def print_table(rows: Sequence[Row], tasks: Sequence[str], title: str) -> None:
@@ -834,6 +898,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
     png = plot(rows, args.tasks, out_dir / "study.png", title)
     for path in (out_dir / "study.md", out_dir / "study.json", png):
         client.log_artifact(parent_id, str(path))
+    log_to_parent(client, parent_id, markdown, rows, args.tasks)
     print_table(rows, args.tasks, title)
     print(f"launched {launched}, reused {reused}, failed {len(failed)}; study.md and study.png in {out_dir} "
           f"and in MLflow run {parent_id}")  # fmt: skip

@@ -16,9 +16,11 @@ from tasks.study import (
     Cell,
     Row,
     choose,
+    description,
     fold_splits,
     format_cell,
     format_markdown,
+    log_to_parent,
     paired_gain,
     parse_args,
     plan_jobs,
@@ -26,6 +28,7 @@ from tasks.study import (
     recipe_overrides,
     run_unless_done,
     study_key,
+    study_metrics,
     time_left_note,
 )
 from tests.test_run_pretrain import ROOT, check, client_for, run_cli, runs_of
@@ -209,6 +212,51 @@ def test_study_md_has_one_row_per_arm():
     assert "- pretraining run: `abc`" in text and "sample std" in text
 
 
+def test_the_parent_run_carries_the_table_as_metrics_at_each_arms_step():
+    folds = {0: 0.5, 1: 0.6}
+    rows = [
+        Row("scratch", "scratch", 0.0, 0, 0, {"ner": Cell(0.5, 0.01, 3, 1e-3, 0.52), "sts": Cell(0.2, 0.1, 2, 1e-3, 0.3, dict(folds))}),
+        Row("step 1000", "budget", 9.5, 1000, 3_200_000, {"ner": Cell(0.6, None, 1, 3e-4, 0.61)}),
+        Row("step 2000", "budget", 19.0, 2000, 6_400_000, {"sts": Cell(0.4, 0.05, 2, 1e-3, 0.45, {0: 0.7, 1: 0.6})}),
+        Row("hf:klue", "hf", None, None, None, {"ner": Cell(0.9, 0.0, 3, 1e-3, 0.9)}),
+    ]
+    rows[2].cells["sts"].gain = paired_gain(rows[2].cells["sts"], rows[0].cells["sts"])  # as tabulate sets it
+    got = {(key, step): value for key, value, step in study_metrics(rows, ["ner", "sts"])}
+    assert got == pytest.approx({
+        ("ner/test", 0): 0.5, ("ner/val", 0): 0.52, ("ner/test_std", 0): 0.01, ("ner/gain", 0): 0.0,
+        ("sts/test", 0): 0.2, ("sts/val", 0): 0.3, ("sts/test_std", 0): 0.1, ("sts/gain", 0): 0.0,
+        ("ner/test", 1000): 0.6, ("ner/val", 1000): 0.61, ("ner/gain", 1000): 0.1,  # one seed: no std
+        ("sts/test", 2000): 0.4, ("sts/val", 2000): 0.45, ("sts/test_std", 2000): 0.05,
+        ("sts/gain", 2000): 0.1,  # paired over folds: (0.7 - 0.5 + 0.6 - 0.6) / 2
+    })  # the hf: row has no step: study.md only
+
+
+def test_the_description_is_the_table_cut_at_a_line_when_too_long_for_a_tag():
+    text = "# Study\n" + "".join(f"| row {i} | 0.5 |\n" for i in range(1000))
+    assert description("# Study\n\n- seeds: 0\n\n| arm |\n|---|\n") == "| arm |\n|---|\n\n- seeds: 0\n"
+    cut = description(text)
+    assert len(cut) <= 8000 and cut.startswith("| row 0 |") and cut.endswith("the artifact study.md)\n")
+    assert all(line.endswith("|") for line in cut.splitlines()[:-2])  # whole lines only
+
+
+def test_a_resumed_study_logs_no_metric_twice(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("study")).info.run_id
+    rows = [Row("scratch", "scratch", 0.0, 0, 0, {"ner": Cell(0.5, 0.01, 3, 1e-3, 0.52)}),
+            Row("step 1000", "budget", 9.5, 1000, 1, {"ner": Cell(0.6, 0.02, 3, 1e-3, 0.6)})]  # fmt: skip
+    log_to_parent(client, run_id, "# Study\n\n| table |\n", rows, ["ner"])
+    log_to_parent(client, run_id, "# Study\n\n| table |\n", rows, ["ner"])
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "ner/test")] == [(0, 0.5), (1000, 0.6)]
+    rows[1].cells["ner"] = Cell(0.7, 0.02, 3, 1e-3, 0.6)  # a run more at that step moved the cell: logged
+    log_to_parent(client, run_id, "# Study\n\n| table 2 |\n", rows, ["ner"])
+    history = client.get_metric_history(run_id, "ner/test")
+    assert sorted((m.step, m.value) for m in history) == [(0, 0.5), (1000, 0.6), (1000, 0.7)]
+    assert client.get_run(run_id).data.metrics["ner/test"] == 0.7  # the UI's latest value
+    assert client.get_run(run_id).data.tags["mlflow.note.content"] == "| table 2 |\n"
+
+
 def test_arguments():
     args = parse_args(["0123", "tasks=ner", "seeds=3", "lrs=1e-3,3e-4", 'extra_args=debug=fdr "trainer.max_epochs=2"'])
     assert args.seeds == [0, 1, 2] and args.lrs == [1e-3, 3e-4] and args.tasks == ["ner"]
@@ -284,6 +332,9 @@ def test_study_end_to_end_and_resume(tmp_path):
     pretrained = next(r for r in children if r.data.tags["study_arm"] == "step 2")
     assert pretrained.data.tags["pretrained_ckpt"].endswith("budget-step2.ckpt")
     assert client.get_run(parent.info.run_id).info.run_id == parent.info.run_id
+    parent_run = client.get_run(parent.info.run_id)  # the Overview page: the table and the curve's metrics
+    assert parent_run.data.tags["mlflow.note.content"] == description((parent_artifacts / "study.md").read_text())
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "ner/test")] == [0, 1, 2]
 
     cmd[3] = run.info.run_id[:8]  # a unique prefix names the same run, so the same study resumes
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
