@@ -34,6 +34,8 @@ overrides). Re-running the command skips every run whose key already FINISHED, s
 two studies side by side on one store never make the same run twice (a lock per key under
 `<mlruns>/study-locks/`: the later study makes its other runs first, then waits for the held one and reuses it).
 `extra_args` entries that only say where things go (`paths.*`, `hydra.*`, `logger.*`) are not in the key.
+Ctrl+C or SIGTERM stops a study: its runs in progress get SIGTERM and end KILLED, none starts after, and the
+parent run ends KILLED; the same command resumes it.
 The parent run gets `study.md` (the table), `study.png` (test metric against pretraining minutes, one panel per
 task) and `study.json` (every run's numbers); the table is also printed. The table is also the parent run's
 description, and its cells its metrics (`<task>/test`, `<task>/gain`, ...) at each arm's pretraining step, so
@@ -52,8 +54,10 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -553,13 +557,62 @@ def child_command(job: Job, parent_id: str, extra_args: Sequence[str], run_dir: 
 BUSY = "busy"  # run_unless_done's answer where another study holds the key and the caller would not wait
 
 
+STOPPED = "stopped"  # a run the study did not start because it was told to stop
+
+
+class Children:
+    """The fine-tuning processes a study is running, so that a study that is stopped (Ctrl+C, SIGTERM) stops
+    them too rather than leaving them training with no study to record them: each gets SIGTERM, which a run
+    answers by saving and ending KILLED in MLflow (tasks/runner.py), and SIGKILL if it has not ended after
+    `grace` seconds; a run not yet started is not started."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: dict[subprocess.Popen, str] = {}
+        self.keys: list[str] = []  # the study keys this study started a process for
+        self.stopping = False
+
+    def run(self, cmd: Sequence[str], key: str, **popen: Any) -> int | str:
+        """The process's exit code, or `STOPPED` where the study is stopping and it was not started."""
+        with self._lock:
+            if self.stopping:
+                return STOPPED
+            proc = subprocess.Popen(cmd, **popen)
+            self._live[proc] = key
+            self.keys.append(key)
+        try:
+            return proc.wait()
+        finally:
+            with self._lock:
+                self._live.pop(proc, None)
+
+    def stop(self, grace: float = 60.0, settle: float = 0.0) -> list[str]:
+        """Stop every live process and start no other; the keys of those that were live. `settle`: seconds to
+        let them end on their own first (a Ctrl+C in a terminal reaches the whole process group, children too)."""
+        with self._lock:
+            self.stopping = True
+            live = dict(self._live)
+        for deadline, signal_them in ((time.monotonic() + settle, False), (time.monotonic() + settle + grace, True)):
+            for proc in live:
+                if signal_them and proc.poll() is None:
+                    proc.terminate()
+            for proc in live:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    if signal_them:
+                        proc.kill()
+                        proc.wait()
+        return list(live.values())
+
+
 @contextmanager
-def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = print,
-             wait: bool = True) -> Iterator[bool]:  # fmt: skip
+def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = print, wait: bool = True,
+             give_up: Callable[[], bool] = lambda: False, poll_s: float = 2.0) -> Iterator[bool]:  # fmt: skip
     """Hold the study key while its run is made, so two studies that share a store (scratch is shared by every
     study of a shape) never launch the same run twice. Yields whether it is held: with `wait`, always (after
-    waiting for the other study); without, False where another study holds it. An flock, so a study that dies
-    lets go; one machine's studies."""
+    waiting for the other study) unless `give_up()` turns true meanwhile; without, False where another study
+    holds it. An flock, so a study that dies lets go; one machine's studies."""
     import fcntl
 
     lock_dir.mkdir(parents=True, exist_ok=True)
@@ -574,7 +627,15 @@ def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = 
                 yield False
                 return
             say(f"{holder} is making run {key}: waiting for it")
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            while True:  # polled, not blocking, so that a study told to stop does not wait on in a thread
+                if give_up():
+                    yield False
+                    return
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    time.sleep(poll_s)
         handle.seek(0)
         handle.truncate()
         handle.write(owner)
@@ -585,11 +646,13 @@ def key_lock(lock_dir: Path, key: str, owner: str, say: Callable[[str], None] = 
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def run_unless_done(job: Job, lock_dir: Path, owner: str, done: Callable[[], bool], make: Callable[[], int],
-                    say: Callable[[str], None] = print, wait: bool = True) -> int | str | None:  # fmt: skip
+def run_unless_done(job: Job, lock_dir: Path, owner: str, done: Callable[[], bool], make: Callable[[], int | str],
+                    say: Callable[[str], None] = print, wait: bool = True,
+                    give_up: Callable[[], bool] = lambda: False) -> int | str | None:  # fmt: skip
     """`make()`'s exit code; None where another study finished the run meanwhile (then it is reused); `BUSY`
-    where another study is making it and `wait` is off (a study first makes the runs no one else is making)."""
-    with key_lock(lock_dir, job.key, owner, say, wait) as held:
+    where another study is making it and `wait` is off (a study first makes the runs no one else is making), or
+    where the study was stopped while it waited (`give_up`)."""
+    with key_lock(lock_dir, job.key, owner, say, wait, give_up) as held:
         if not held:
             return BUSY
         if done():
@@ -811,6 +874,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
     owner = f"study {parent_id} (pid {os.getpid()})"
+    children = Children()
 
     def launch(label: str, job: Job, wait: bool) -> tuple[str, Job, int | str | None, float]:
         cmd = child_command(job, parent_id, args.extra_args, out_dir / "runs")
@@ -818,9 +882,9 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         started = time.time()
 
-        def make() -> int:
+        def make() -> int | str:
             with open(log_file, "w") as log:
-                return subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+                return children.run(cmd, job.key, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
 
         def done() -> bool:
             return finished_run(client, experiment_id, job.key) is not None
@@ -828,48 +892,61 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         def say(text: str) -> None:
             print(f"{label}: {text}")
 
-        return label, job, run_unless_done(job, lock_dir, owner, done, make, say, wait), time.time() - started
+        returncode = run_unless_done(job, lock_dir, owner, done, make, say, wait, lambda: children.stopping)
+        return label, job, returncode, time.time() - started
 
     started = time.time()
     count, made_s = 0, []
-    with progress_bar() as progress, ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        bar = progress.add_task("fine-tuning runs", total=len(todo))
+    try:
+        with progress_bar() as progress, ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            bar = progress.add_task("fine-tuning runs", total=len(todo))
 
-        def report(label: str, job: Job, returncode: int | str | None, seconds: float) -> None:
-            nonlocal count, launched, reused
-            count += 1
-            progress.advance(bar)
-            run = finished_run(client, experiment_id, job.key)
-            if returncode == 0 and run is not None:
-                made_s.append(seconds)
-            left = time_left_note(time.time() - started, count, len(todo), made_s, args.jobs)
+            def report(label: str, job: Job, returncode: int | str | None, seconds: float) -> None:
+                nonlocal count, launched, reused
+                count += 1
+                progress.advance(bar)
+                run = finished_run(client, experiment_id, job.key)
+                if returncode == 0 and run is not None:
+                    made_s.append(seconds)
+                left = time_left_note(time.time() - started, count, len(todo), made_s, args.jobs)
 
-            def say(text: str) -> None:
-                progress.console.print(f"{label}: {text}{left}", soft_wrap=True, markup=False, highlight=False)
+                def say(text: str) -> None:
+                    progress.console.print(f"{label}: {text}{left}", soft_wrap=True, markup=False, highlight=False)
 
-            if returncode is None and run is not None:  # another study made it while this one waited
-                reused += 1
-                found[job.key] = run
-                say(f"made by another study (run {run.info.run_id})")
-            elif returncode != 0 or run is None:
-                launched += 1
-                log_file = out_dir / "logs" / f"{job.key}.log"
-                failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": returncode})
-                say(f"FAILED (exit {returncode}); log {log_file}")
-            else:
-                launched += 1
-                found[job.key] = run
-                say(f"{seconds:.0f}s, run {run.info.run_id}")
+                if returncode is None and run is not None:  # another study made it while this one waited
+                    reused += 1
+                    found[job.key] = run
+                    say(f"made by another study (run {run.info.run_id})")
+                elif returncode != 0 or run is None:
+                    launched += 1
+                    log_file = out_dir / "logs" / f"{job.key}.log"
+                    failed.append({"key": job.key, "label": label, "log": str(log_file), "returncode": returncode})
+                    say(f"FAILED (exit {returncode}); log {log_file}")
+                else:
+                    launched += 1
+                    found[job.key] = run
+                    say(f"{seconds:.0f}s, run {run.info.run_id}")
 
-        # first every run no other study is making; then, waiting, those another study was making
-        later = []
-        for label, job, returncode, seconds in pool.map(lambda item: launch(*item, wait=False), todo):
-            if returncode == BUSY:
-                later.append((label, job))
-            else:
-                report(label, job, returncode, seconds)
-        for result in pool.map(lambda item: launch(*item, wait=True), later):
-            report(*result)
+            try:
+                # first every run no other study is making; then, waiting, those another study was making
+                later = []
+                for label, job, returncode, seconds in pool.map(lambda item: launch(*item, wait=False), todo):
+                    if returncode == BUSY:
+                        later.append((label, job))
+                    else:
+                        report(label, job, returncode, seconds)
+                for result in pool.map(lambda item: launch(*item, wait=True), later):
+                    report(*result)
+            except KeyboardInterrupt as stop:  # Ctrl+C, or SIGTERM (main): stop the runs, then end the parent
+                progress.console.print("stopping: the runs in progress get SIGTERM and end KILLED ...")
+                children.stop(settle=0.0 if stop.args == ("SIGTERM",) else 30.0)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    except KeyboardInterrupt:
+        end_stopped(client, experiment_id, parent_id, children.keys)
+        print(f"study stopped: {count} of {len(todo)} runs ended this time, and the parent run {parent_id} is KILLED; "
+              "the same command resumes it (finished runs are reused)")  # fmt: skip
+        raise
 
     rows = tabulate(client, jobs, arms, found, configs)
     share = "" if args.anneal is False else "anneal=true: the run's own decay share" if args.anneal is True else \
@@ -957,8 +1034,29 @@ def time_left_note(elapsed_s: float, done: int, total: int, run_s: Sequence[floa
     return f"; {to_go} to go, about {minutes(seconds)} left"
 
 
+def end_stopped(client, experiment_id: str, parent_id: str, keys: Sequence[str]) -> None:
+    """A stopped study's record: its parent run KILLED, and so is any run it started that a signal ended before
+    the run could say so itself (during its start-up, or SIGKILLed after the grace), rather than RUNNING for ever
+    in the MLflow UI."""
+    for key in keys:
+        for run in client.search_runs([experiment_id], f"tags.study_key = '{key}' and attributes.status = 'RUNNING'"):
+            client.set_terminated(run.info.run_id, status="KILLED")
+    client.set_terminated(parent_id, status="KILLED")
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    result = run_study(parse_args(argv))
+    """The command. SIGTERM (`kill`, a job scheduler) stops a study as Ctrl+C does: its runs end KILLED, then it."""
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        result = run_study(parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 1 if result["failed"] else 0
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,10 +15,13 @@ import pytest
 from tasks.budgets import BudgetCheckpoints
 from tasks.study import (
     BUSY,
+    STOPPED,
     Cell,
+    Children,
     Row,
     choose,
     description,
+    end_stopped,
     fold_splits,
     format_cell,
     format_markdown,
@@ -310,16 +315,33 @@ def test_study_end_to_end_and_resume(tmp_path):
     extra = f"debug=fdr paths.mlruns_dir={workdir}/mlruns paths.cache_dir={cache} paths.checkpoint_dir={workdir}/ck"
     cmd = [sys.executable, "-m", "tasks.study", run.info.run_id, "tasks=ner", "seeds=1", "lrs=1e-3",
            f"arms=hf:{folder}", f"extra_args={extra}", f"out_dir={tmp_path / 'study'}"]  # fmt: skip
+    # stopped (SIGTERM) once its first fine-tuning run is under way: the run ends KILLED, no process goes on
+    # training, the parent is KILLED rather than RUNNING for ever, and the same command resumes it (below)
+    stopped = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for _ in range(600):
+        if any(r.info.status == "RUNNING" and r.data.tags.get("study_key") for r in runs_of(workdir, "study")):
+            break
+        time.sleep(0.2)
+    stopped.terminate()
+    said = stopped.communicate(timeout=180)[0]
+    assert stopped.returncode == 130 and "study stopped" in said, said[-3000:]
+    assert {r.info.status for r in runs_of(workdir, "study")} <= {"KILLED", "FINISHED"}, said[-3000:]
+    assert not [p for p in Path("/proc").glob("[0-9]*/cmdline")
+                if str(tmp_path / "study") in p.read_bytes().decode(errors="replace")]  # fmt: skip
+
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     check(first)
-    assert "launched 4, reused 0, failed 0" in first.stdout, first.stdout[-3000:]
+    assert "(resumed)" in first.stdout and re.search(r"launched (\d), reused (\d), failed 0", first.stdout)
+    launched, reused = map(int, re.search(r"launched (\d), reused (\d)", first.stdout).groups())
+    assert launched + reused == 4 and launched >= 3, first.stdout[-3000:]  # the stopped run made again
     job_lines = [line for line in first.stdout.splitlines() if line.startswith("[") and "s, run " in line]
-    assert len(job_lines) == 4 and sum("to go, about" in line for line in job_lines) == 3  # the last says none
+    assert len(job_lines) == launched and sum("to go, about" in line for line in job_lines) == launched - 1
 
     client = client_for(workdir)
     (parent,) = [r for r in runs_of(workdir, "study") if r.data.tags.get("study_parent") == "true"]
     children = [r for r in runs_of(workdir, "study") if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert sorted(r.info.status for r in children) == ["FINISHED"] * 4 + ["KILLED"] * (launched - 3)
+    children = [r for r in children if r.info.status == "FINISHED"]
     assert sorted(r.data.tags["study_arm"] for r in children) == ["hf:hf-tiny", "scratch", "step 1", "step 2"]
     assert all("test/entity_f1_macro" in r.data.metrics for r in children)
     assert parent.info.status == "FINISHED"
@@ -657,6 +679,84 @@ def test_two_studies_never_make_the_same_run_twice(tmp_path):
     finished.clear()
     study("c", 0.0, True, out)
     assert out["c"] == 0 and heard == []
+
+
+CHILD = """
+import signal, sys, time
+from pathlib import Path
+flag = Path(sys.argv[1])
+def on_term(signum, frame):
+    flag.write_text("SIGTERM")
+    sys.exit(143)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if sys.argv[2] == "ignore" else on_term)
+flag.write_text("ready")
+time.sleep(float(sys.argv[3]))
+flag.write_text("ended on its own")
+"""
+
+
+def _start_child(children: Children, flag: Path, key: str, on_term: str, seconds: float, out: dict):
+    import threading
+
+    thread = threading.Thread(target=lambda: out.__setitem__(key, children.run(
+        [sys.executable, "-c", CHILD, str(flag), on_term, str(seconds)], key)))  # fmt: skip
+    thread.start()
+    for _ in range(200):  # its signal handler is in place once it says ready
+        if flag.exists() and flag.read_text():
+            break
+        time.sleep(0.05)
+    return thread
+
+
+def test_a_stopped_study_stops_its_runs_and_starts_no_other(tmp_path):
+    """Ctrl+C or SIGTERM on a study: every run in progress gets SIGTERM (a fine-tuning run then saves and ends
+    KILLED), one that ignores it is killed after the grace, one that ends by itself in the settle time is left
+    to, and no run starts after."""
+    children, out = Children(), {}
+    flags = {name: tmp_path / name for name in ("handles", "ignores", "finishes")}
+    threads = [_start_child(children, flags["handles"], "k1", "handle", 60, out),
+               _start_child(children, flags["ignores"], "k2", "ignore", 60, out),
+               _start_child(children, flags["finishes"], "k3", "handle", 0.5, out)]  # fmt: skip
+    assert sorted(children.stop(grace=3.0, settle=2.0)) == ["k1", "k2", "k3"]
+    for thread in threads:
+        thread.join(timeout=10)
+    assert out == {"k1": 143, "k2": -9, "k3": 0}
+    assert flags["handles"].read_text() == "SIGTERM" and flags["finishes"].read_text() == "ended on its own"
+    assert children.run([sys.executable, "-c", "pass"], "k4") == STOPPED and children.keys == ["k1", "k2", "k3"]
+
+
+def test_a_stopped_study_does_not_wait_on_for_another_studys_run(tmp_path):
+    import threading
+
+    from tasks.study import Arm, Job
+
+    job = Job("ner", Arm("scratch", "scratch", (), ()), 0, 1e-3, "k" * 16)
+    holder = threading.Thread(target=run_unless_done, args=(job, tmp_path, "study a", lambda: False,
+                                                            lambda: time.sleep(3) or 0))  # fmt: skip
+    holder.start()
+    time.sleep(0.3)
+    stop = threading.Event()
+    threading.Timer(0.5, stop.set).start()
+    began = time.monotonic()
+    assert run_unless_done(job, tmp_path, "study b", lambda: False, lambda: 0, say=lambda _: None,
+                           give_up=stop.is_set) == BUSY  # fmt: skip
+    assert time.monotonic() - began < 2.9  # gave up at the next poll, not when a's run ended
+    holder.join()
+
+
+def test_a_stopped_study_leaves_no_run_running_in_mlflow(tmp_path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("study")
+    parent = client.create_run(experiment).info.run_id
+    killed_early = client.create_run(experiment, tags={"study_key": "mine"}).info.run_id  # never said KILLED
+    ended = client.create_run(experiment, tags={"study_key": "mine2"}).info.run_id
+    client.set_terminated(ended, status="KILLED")  # ended on its SIGTERM: kept as it is
+    other = client.create_run(experiment, tags={"study_key": "theirs"}).info.run_id  # another study's, live
+    end_stopped(client, experiment, parent, ["mine", "mine2"])
+    status = {run_id: client.get_run(run_id).info.status for run_id in (parent, killed_early, ended, other)}
+    assert status == {parent: "KILLED", killed_early: "KILLED", ended: "KILLED", other: "RUNNING"}
 
 
 def test_the_plot_says_how_the_arms_were_made_scratch_overrides_included():
