@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -124,9 +123,9 @@ def run_cooldowns(client: Any, parent: Any, cooldowns: Sequence[Cooldown], lock_
                   say: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
     """Make (or reuse) each cooldown, one at a time with every core (each is a pretraining run, its progress bar
     in this terminal), and return the budget record of its annealed end, naming where it came from."""
-    from tasks.study import key_lock
+    from tasks.study import Children, key_lock, settle_after
 
-    out = []
+    out, children = [], Children()
     for i, cooldown in enumerate(cooldowns, 1):
         label = f"cooldown {i}/{len(cooldowns)}: step {cooldown.step:,} -> {cooldown.end:,}"
         key = f"cooldown-{parent.info.run_id}-{cooldown.step}-{cooldown.end}-{cooldown.fraction:g}"
@@ -134,7 +133,11 @@ def run_cooldowns(client: Any, parent: Any, cooldowns: Sequence[Cooldown], lock_
             run = finished(client, parent, cooldown)
             if run is None:
                 say(f"{label}, about {cooldown.minutes:.0f} min at the parent's pace: {shlex.join(cooldown.command)}")
-                returncode = subprocess.run(cooldown.command, cwd=ROOT).returncode
+                try:
+                    returncode = children.run(cooldown.command, key, cwd=ROOT)
+                except KeyboardInterrupt as stop:  # SIGTERM to the branch: it saves, ends KILLED, resumes
+                    children.stop(settle=settle_after(stop))
+                    raise
                 run = finished(client, parent, cooldown)
                 if run is None:
                     raise SystemExit(f"{label} failed (exit {returncode}); its command: {shlex.join(cooldown.command)}")

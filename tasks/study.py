@@ -580,11 +580,10 @@ class Children:
             proc = subprocess.Popen(cmd, **popen)
             self._live[proc] = key
             self.keys.append(key)
-        try:
-            return proc.wait()
-        finally:
-            with self._lock:
-                self._live.pop(proc, None)
+        code = proc.wait()  # interrupted (Ctrl+C in the main thread), it stays listed for stop()
+        with self._lock:
+            self._live.pop(proc, None)
+        return code
 
     def stop(self, grace: float = 60.0, settle: float = 0.0) -> list[str]:
         """Stop every live process and start no other; the keys of those that were live. `settle`: seconds to
@@ -939,7 +938,7 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
                     report(*result)
             except KeyboardInterrupt as stop:  # Ctrl+C, or SIGTERM (main): stop the runs, then end the parent
                 progress.console.print("stopping: the runs in progress get SIGTERM and end KILLED ...")
-                children.stop(settle=0.0 if stop.args == ("SIGTERM",) else 30.0)
+                children.stop(settle=settle_after(stop))
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     except KeyboardInterrupt:
@@ -1046,6 +1045,12 @@ def end_stopped(client, experiment_id: str, parent_id: str, keys: Sequence[str])
 
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt("SIGTERM")
+
+
+def settle_after(stop: KeyboardInterrupt) -> float:
+    """Seconds to let children end on their own: a Ctrl+C reached them too (one process group), a SIGTERM
+    (`_stop_on_sigterm`) only this process."""
+    return 0.0 if stop.args == ("SIGTERM",) else 30.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,6 +15,42 @@ from tasks.optim import linear_schedule
 from tests.test_run_pretrain import ROOT, check, client_for, run_cli, runs_of
 
 
+def test_a_stopped_study_stops_its_cooldown_with_sigterm_so_the_branch_saves(tmp_path, monkeypatch):
+    """SIGTERM on a study while a cooldown (a pretraining branch) runs: the branch gets SIGTERM, on which a
+    pretraining run saves and ends KILLED (not SIGKILL mid-step, as `subprocess.run` would), then the study stops."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import tasks.anneal as anneal
+    from tasks.study import _stop_on_sigterm
+
+    flag = tmp_path / "flag"
+    script = ("import signal, sys, time; from pathlib import Path; f = Path(sys.argv[1])\n"
+              "signal.signal(signal.SIGTERM, lambda *a: (f.write_text('SIGTERM'), sys.exit(143)))\n"
+              "f.write_text('ready'); time.sleep(60)")  # fmt: skip
+    cooldown = anneal.Cooldown({"step": 10, "file": "x"}, 20, 0.2, (sys.executable, "-c", script, str(flag)), 1.0)
+    monkeypatch.setattr(anneal, "finished", lambda *args: None)
+
+    def stop_when_under_way() -> None:
+        for _ in range(200):
+            if flag.exists() and flag.read_text() == "ready":
+                break
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    try:
+        threading.Thread(target=stop_when_under_way).start()
+        with pytest.raises(KeyboardInterrupt):
+            anneal.run_cooldowns(None, SimpleNamespace(info=SimpleNamespace(run_id="p")), [cooldown], tmp_path,
+                                 say=lambda _: None)  # fmt: skip
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert flag.read_text() == "SIGTERM"
+
+
 @pytest.mark.parametrize(("step", "warmup", "share"), [(2987, 300, 0.2), (5, 2, 0.5), (4000, 0, 0.1), (301, 300, 0.2)])
 def test_the_cooldown_holds_the_peak_through_its_step_then_decays_over_its_share(step, warmup, share):
     end = cooldown_end(step, warmup, share)
