@@ -135,7 +135,7 @@ def run_cooldowns(client: Any, parent: Any, cooldowns: Sequence[Cooldown], lock_
                 say(f"{label}, about {cooldown.minutes:.0f} min at the parent's pace: {shlex.join(cooldown.command)}")
                 try:
                     returncode = children.run(cooldown.command, key, cwd=ROOT)
-                except KeyboardInterrupt as stop:  # SIGTERM to the branch: it saves, ends KILLED, resumes
+                except KeyboardInterrupt as stop:  # the branch gets SIGTERM: it saves and ends KILLED
                     children.stop(settle=settle_after(stop))
                     raise
                 run = finished(client, parent, cooldown)
