@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from bert import export
+from bert.heads import masked_mean
+from bert.tokenizer import load_tokenizer
 from datamodules.klue_ner import LABELS as NER_LABELS
 from datamodules.sentence import SentenceEncoder
 from tasks import predict
@@ -182,13 +184,20 @@ def test_predict_ner_decodes_like_the_training_module(tiny, tmp_path):
 def test_mean_pooled_head_predicts_and_is_not_exported(tiny, tmp_path):
     """A `task.pooling=mean` checkpoint: predict rebuilds the head as it was trained (no pooler, mean over
     tokens); export refuses it, since transformers' BertForSequenceClassification pools [CLS]."""
-    _, ckpts = tiny
+    tokenizer_dir, ckpts = tiny
     saved = torch.load(ckpts["sts"], weights_only=True)
     hparams = {**saved["hyper_parameters"], "pooling": "mean"}
     torch.manual_seed(0)
-    module = FinetuneModule(**hparams)
-    with torch.no_grad():  # weights well away from the 0.02 init, so the two pairs' scores differ by far more
-        module.model.classifier.weight.normal_(0, 1.0)  # than the CPU's rounding (they tied at 4 places on one)
+    module = FinetuneModule(**hparams).eval()
+    encoder = SentenceEncoder(load_tokenizer(tokenizer_dir), 128)
+    with torch.no_grad():  # a head that reads the pairs' mean-pooled difference: their scores differ by 1.0
+        pooled = []  # (a random head tied them to 4 places on one CI machine: it can be near orthogonal to it)
+        for pair in PAIRS:
+            batch = predict.pad(encoder.encode([pair]))
+            sequence, _ = module.model.bert(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            pooled.append(masked_mean(sequence, batch["attention_mask"])[0])
+        difference = pooled[0] - pooled[1]
+        module.model.classifier.weight.copy_(difference / difference.dot(difference))
         module.model.classifier.bias.fill_(2.5)
     assert not any(key.startswith("model.bert.pooler") for key in module.state_dict())
     path = tmp_path / "sts-mean.ckpt"
@@ -197,12 +206,11 @@ def test_mean_pooled_head_predicts_and_is_not_exported(tiny, tmp_path):
     records = run_predict_plain(["sts", str(path), *[t for p in PAIRS for t in p]])
     loaded = predict.load(path, "sts")
     assert loaded.model.pooling == "mean"
-    encoder = SentenceEncoder(loaded.tokenizer, 128)
     with torch.no_grad():  # one pair at a time, unpadded: predict's padded batch must give the same score
         batches = [predict.pad(encoder.encode([pair])) for pair in PAIRS]
         reference = [float(loaded.model(b["input_ids"], b["token_type_ids"], b["attention_mask"])) for b in batches]
     assert [r["score"] for r in records] == pytest.approx(reference, abs=1e-5)
-    assert abs(reference[0] - reference[1]) > 1e-2, reference  # the pairs are told apart, not both the bias
+    assert reference[0] - reference[1] == pytest.approx(1.0, abs=1e-4), reference  # the pooling trained is used
     with pytest.raises(SystemExit, match="mean-pooled head has no transformers equivalent"):
         export.main([str(path), str(tmp_path / "hf")])
     assert not (tmp_path / "hf").exists()
