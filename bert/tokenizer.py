@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import unicodedata
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -50,7 +51,7 @@ HANGUL_COMPAT_JAMO = [chr(code) for code in range(0x3131, 0x3164)]
 DEFAULT_LIMIT_ALPHABET = 4000
 
 # Bumped whenever the recipe below changes in a way that changes the trained vocabulary.
-_RECIPE_VERSION = 1
+_RECIPE_VERSION = 2  # 2: ids fixed before training (the same texts give the same tokenizer.json)
 
 
 def build_empty_tokenizer() -> Tokenizer:
@@ -156,33 +157,68 @@ def train_tokenizer(
     show_progress: bool = True,
     num_workers: int | None = None,
 ) -> Tokenizer:
-    """Train a WordPiece tokenizer on `texts` (an iterable of raw strings, consumed once).
+    """Train a WordPiece tokenizer on `texts` (an iterable of raw strings, consumed once and held in memory:
+    pass a sample, as the pretraining DataModule does). The same texts and settings give the same
+    tokenizer.json, ids included, on every run and machine.
 
     `initial_alphabet` defaults to the Hangul compatibility jamo; pass `[]` for none. Every alphabet character
-    (initial or learned, except punctuation and CJK ideographs, which the pre-tokenizer always isolates) is
-    guaranteed both as a word start (`ㅋ`) and as a continuation (`##ㅋ`), so `ㅋㅋ` or a syllable that
-    only started morphemes in training never turns a raw word into [UNK]; these pieces replace the
-    last-learned ones, so the size stays what the trainer gave: `vocab_size`, or fewer when no pair reaches
-    `min_frequency` any more (a 1.6 MB morpheme-split sample stops near 12k).
+    (initial or among the `limit_alphabet` most frequent, except punctuation and CJK ideographs, which the
+    pre-tokenizer always isolates) is both a word start (`ㅋ`) and a continuation (`##ㅋ`), so `ㅋㅋ` or a
+    syllable that only started morphemes in training never turns a raw word into [UNK]; these pieces are
+    reserved before the merges, so the size is `vocab_size`, or less when no pair reaches `min_frequency`
+    any more (a 1.6 MB morpheme-split sample stops near 12k).
     `num_workers` is the number of kiwi threads for the morpheme split (default: CPU count, at most 4).
     """
     if initial_alphabet is None:
         initial_alphabet = HANGUL_COMPAT_JAMO
     initial_alphabet = sorted({normalizers.NFC().normalize_str(char) for char in initial_alphabet})
     tokenizer = build_empty_tokenizer()
+    training_texts = list(morpheme_split(texts, num_workers) if morpheme_aware else texts)
+    alphabet = choose_alphabet(tokenizer, training_texts, initial_alphabet, limit_alphabet)
+    continuations = [CONTINUING_PREFIX + char for char in alphabet if _continues_words(char)]
+    # The trainer gives `##X` pieces ids in the order it meets them in a hash map, and breaks ties between
+    # equally frequent merges by id, so the same texts gave different ids (and could give different pieces)
+    # from run to run (huggingface/tokenizers#1794). Handing it the alphabet and every `##X` up front (as
+    # special tokens: the only entries it creates before counting) fixes every id before the first merge.
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         show_progress=show_progress,
-        special_tokens=SPECIAL_TOKENS,
-        limit_alphabet=limit_alphabet,
-        initial_alphabet=initial_alphabet,
+        special_tokens=SPECIAL_TOKENS + continuations,
+        limit_alphabet=len(alphabet),
+        initial_alphabet=alphabet,
         continuing_subword_prefix=CONTINUING_PREFIX,
     )
-    training_texts = morpheme_split(texts, num_workers) if morpheme_aware else iter(texts)
     tokenizer.train_from_iterator(training_texts, trainer=trainer)
+    vocab = tokenizer.get_vocab()
+    learned = [piece for piece in sorted(vocab, key=vocab.__getitem__) if piece not in SPECIAL_TOKENS]
+    singles = [piece for piece in learned if len(piece) == 1]
+    merged = [piece for piece in learned if len(piece) > 1 and piece not in set(continuations)]
+    # rebuilt so that only the five real special tokens are added tokens; the `##X` ones become plain pieces
+    tokenizer = tokenizer_from_vocab(SPECIAL_TOKENS + singles + continuations + merged)
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
     _ensure_alphabet(tokenizer, initial_alphabet)
     return tokenizer
+
+
+def choose_alphabet(
+    tokenizer: Tokenizer, texts: Iterable[str], initial_alphabet: list[str], limit: int | None
+) -> list[str]:
+    """The characters the trainer would keep: every `initial_alphabet` one, then the most frequent others
+    (after the tokenizer's normalizer) up to `limit` in all, ties broken by code point rather than by hash
+    order; sorted by code point."""
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(tokenizer.normalizer.normalize_str(text))
+    ranked = sorted((char for char in counts if not char.isspace() and char not in initial_alphabet),
+                    key=lambda char: (-counts[char], char))  # fmt: skip
+    room = len(ranked) if limit is None else max(0, limit - len(initial_alphabet))
+    return sorted([*initial_alphabet, *ranked[:room]])
+
+
+def _continues_words(char: str) -> bool:
+    # BERT's pre-tokenizer isolates punctuation and CJK ideographs: they never continue a word, need no `##`
+    return not _is_bert_punctuation(char) and not _is_cjk_ideograph(char)
 
 
 def _is_cjk_ideograph(char: str) -> bool:
@@ -216,11 +252,7 @@ def _ensure_alphabet(tokenizer: Tokenizer, alphabet: list[str]) -> int:
     """
     vocab = tokenizer.get_vocab()
     singles = sorted(piece for piece in vocab if len(piece) == 1) + list(alphabet)
-    wanted = singles + [
-        CONTINUING_PREFIX + char
-        for char in singles
-        if not _is_bert_punctuation(char) and not _is_cjk_ideograph(char)
-    ]
+    wanted = singles + [CONTINUING_PREFIX + char for char in singles if _continues_words(char)]
     missing = list(dict.fromkeys(piece for piece in wanted if piece not in vocab))
     if not missing:
         return 0

@@ -33,7 +33,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
@@ -700,9 +707,24 @@ class PretrainDataModule(pl.LightningDataModule):
                 self.tokenizer_sample_bytes,
                 self.tokenizer_sample_sentences,
             )
-            tokenizer = train_tokenizer(
-                texts, vocab_size=self.vocab_size_requested, morpheme_aware=self.morpheme_aware
-            )
+            total = corpus.sentences_path.stat().st_size
+            if self.tokenizer_sample_bytes is not None:
+                total = min(total, self.tokenizer_sample_bytes)
+            what = "tokenizer sample: morpheme split" if self.morpheme_aware else "tokenizer sample"
+            with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn()) as bar:
+                task, read = bar.add_task(what, total=total), [0]
+
+                def counted(sentences: Iterator[str]) -> Iterator[str]:
+                    for sentence in sentences:  # the split runs as the trainer reads: the bar is its progress
+                        yield sentence
+                        read[0] += len(sentence.encode("utf-8")) + 1
+                        bar.update(task, completed=read[0])
+                    bar.update(task, total=read[0])  # the train documents' share of the file, read in full
+                    bar.stop()  # before the trainer's own bars (counting and merges) start
+
+                tokenizer = train_tokenizer(
+                    counted(texts), vocab_size=self.vocab_size_requested, morpheme_aware=self.morpheme_aware
+                )
             save_tokenizer(tokenizer, out_dir, model_max_length=self.max_seq_len)
             log.info("trained a %d-piece tokenizer into %s", tokenizer.get_vocab_size(), out_dir)
         return out_dir

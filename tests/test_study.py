@@ -374,7 +374,8 @@ def test_scratch_arm_is_keyed_by_shape_and_tokenizer_not_by_run(mirror, tmp_path
     from tasks.study import scratch_identity
     from tests.tiny_encoder import make_pretrain_checkpoint, make_tokenizer
 
-    tok_a, tok_b = make_tokenizer(mirror, tmp_path / "tok_a"), make_tokenizer(mirror, tmp_path / "tok_b", 500)
+    tok_a = make_tokenizer(mirror, tmp_path / "tok_a")  # 600 asked: the alphabet alone (1,676 pieces)
+    tok_b = make_tokenizer(mirror, tmp_path / "tok_b", 2500)  # a different vocabulary (merges too)
     one = make_pretrain_checkpoint(tok_a, tmp_path / "one.ckpt", seed=0)
     other_run = make_pretrain_checkpoint(tok_a, tmp_path / "two.ckpt", seed=1)
     ckpt = torch.load(other_run, weights_only=True)

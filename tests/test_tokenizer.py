@@ -8,10 +8,13 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from tokenizers import trainers
 
 from bert.tokenizer import (
     HANGUL_COMPAT_JAMO,
     SPECIAL_TOKENS,
+    build_empty_tokenizer,
+    choose_alphabet,
     load_tokenizer,
     morpheme_split,
     save_tokenizer,
@@ -136,6 +139,33 @@ def test_small_training_keeps_size_alphabet_and_specials():
     for char in "이순신은하였습니다":  # syllables that only START morphemes in training still continue words
         assert "##" + char in vocab
     assert "[UNK]" not in tokenizer.encode("ㅋㅋㅋ ㅠㅠ 하였습니다").tokens
+
+
+@needs_mirror
+def test_the_same_texts_give_the_same_tokenizer():
+    """tokenizers' trainer numbers `##X` pieces in hash-map order and breaks ties between equally frequent
+    merges by id (huggingface/tokenizers#1794): before the ids were fixed up front, three trainings of these
+    texts in one process gave three different tokenizer.json (ids, and on 3 MB of petitions 54 pieces)."""
+    texts = list(petition_texts(["2019-04"], every=8))
+    made = [train_tokenizer(texts, vocab_size=3000, morpheme_aware=False, show_progress=False) for _ in range(3)]
+    assert made[0].get_vocab_size() == 3000  # merges reach the size: ties at the cut are decided the same way
+    assert len({tokenizer.to_str() for tokenizer in made}) == 1
+    assert [token["content"] for token in json.loads(made[0].to_str())["added_tokens"]] == SPECIAL_TOKENS
+
+
+def test_the_alphabet_is_the_trainers_own_choice():
+    """With no ties in the counts, `choose_alphabet` keeps what tokenizers' trainer keeps for a `limit_alphabet`:
+    the initial alphabet plus the most frequent other characters, after normalization, whitespace aside."""
+    texts = ["가가가가가가 나나나나나 다다다다", "라라라 Ａ마 ㅋ", "바바 ＡＡ"]  # Ａ: NFC keeps it, counted as 3
+    for limit in (2, 4, 6, 100):
+        trainer = trainers.WordPieceTrainer(vocab_size=0, limit_alphabet=limit, initial_alphabet=["ㅋ"],
+                                            special_tokens=SPECIAL_TOKENS, show_progress=False)  # fmt: skip
+        theirs = build_empty_tokenizer()
+        theirs.train_from_iterator(texts, trainer=trainer)
+        singles = sorted(piece for piece in theirs.get_vocab() if len(piece) == 1)
+        assert choose_alphabet(build_empty_tokenizer(), texts, ["ㅋ"], limit) == singles, limit
+    ties = ["나 가", "다"]  # equal counts: the lower code point stays, whatever a hash map's order
+    assert choose_alphabet(build_empty_tokenizer(), ties, [], 2) == ["가", "나"]
 
 
 def test_load_missing_raises(tmp_path):
