@@ -591,18 +591,27 @@ class Children:
         with self._lock:
             self.stopping = True
             live = dict(self._live)
-        for deadline, signal_them in ((time.monotonic() + settle, False), (time.monotonic() + settle + grace, True)):
-            for proc in live:
-                if signal_them and proc.poll() is None:
-                    proc.terminate()
-            for proc in live:
-                try:
-                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    if signal_them:
-                        proc.kill()
-                        proc.wait()
+        settled = time.monotonic() + settle
+        for proc in live:
+            _wait_until(proc, settled)
+        for proc in live:
+            if proc.poll() is None:
+                proc.terminate()
+        killed = time.monotonic() + grace
+        for proc in live:
+            if not _wait_until(proc, killed):
+                proc.kill()
+                proc.wait()
         return list(live.values())
+
+
+def _wait_until(proc: subprocess.Popen, deadline: float) -> bool:
+    """Whether `proc` ended by `deadline` (a `time.monotonic()` value)."""
+    try:
+        proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 @contextmanager
