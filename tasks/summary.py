@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePath
 
 from tasks.tracking import UI_VIEW_QUERY
 
@@ -46,8 +47,9 @@ class RunSummary:
         ref = self.run_id or self.best_ckpt or self.last_ckpt
         if ref is None:
             return self.ui_commands()
+        # a run's name, or its run id's start, or (logger=none) the run folder the checkpoint is in
+        out = self.run_name or (ref[:8] if self.run_id else PurePath(ref).parent.parent.name or "model")
         if self.task == "pretrain":
-            out = self.run_name or ref[:8]
             follow = [
                 f"python run_finetune.py task=ner pretrained={ref}   # fine-tune from this run",
                 f"python -m bert.export {ref} exports/{out}   # a transformers folder",
@@ -58,7 +60,7 @@ class RunSummary:
             task = self.task.removeprefix("finetune-")
             follow = [f'python -m tasks.predict {task} {ref} "..."   # predict on raw text (see README)']
             if task != "ner":
-                follow.append(f"python -m bert.export {ref} exports/{self.run_name or ref[:8]}   # a transformers folder")
+                follow.append(f"python -m bert.export {ref} exports/{out}   # a transformers folder")
         if self.stop_reason in ("interrupted", "sigterm", "error", "max_time") and self.run_id:
             script = "run.py" if self.task == "pretrain" else "run_finetune.py"
             follow.insert(0, f"python {script} <same overrides> ckpt_path=last   # continue this run")

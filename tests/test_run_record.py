@@ -93,3 +93,6 @@ def test_summary_names_the_stop_the_best_and_the_next_commands():
     assert "mlflow ui --backend-store-uri sqlite:////p/mlruns/mlflow.db" in text
     assert "/#/experiments/1/runs/abc123?workflowType=machine_learning" in text
     assert "ckpt_path=last" in text and "pretrained=abc123" in text and "bert.export abc123" in text
+    no_run = RunSummary(task="finetune-sts", stop_reason="max_steps", final_step=30, monitor="val/pearson",
+                        best_value=0.3, best_step=30, best_ckpt="/tmp/ft1/checkpoints/best.ckpt")  # logger=none
+    assert "bert.export /tmp/ft1/checkpoints/best.ckpt exports/ft1 " in no_run.text()  # not exports//tmp/ft1
