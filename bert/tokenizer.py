@@ -193,7 +193,8 @@ def train_tokenizer(
     vocab = tokenizer.get_vocab()
     learned = [piece for piece in sorted(vocab, key=vocab.__getitem__) if piece not in SPECIAL_TOKENS]
     singles = [piece for piece in learned if len(piece) == 1]
-    merged = [piece for piece in learned if len(piece) > 1 and piece not in set(continuations)]
+    reserved = set(continuations)
+    merged = [piece for piece in learned if len(piece) > 1 and piece not in reserved]
     # rebuilt so that only the five real special tokens are added tokens; the `##X` ones become plain pieces
     tokenizer = tokenizer_from_vocab(SPECIAL_TOKENS + singles + continuations + merged)
     tokenizer.add_special_tokens(SPECIAL_TOKENS)
