@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.study import ALL_TASKS
+from tasks.study import ALL_TASKS, against_scratch
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("BERT_PROJECT_ROOT", str(ROOT))
@@ -48,10 +48,9 @@ def gains(study: Mapping[str, Any], tasks: Sequence[str], scratch: Mapping[str, 
             arm, base = row["cells"].get(task), scratch["cells"].get(task)
             if not arm or not base:
                 continue
-            test_gain = arm["mean"] - base["mean"]
-            spread = max(arm["std"] or 0.0, base["std"] or 0.0)
+            test_gain, spread, verdict = against_scratch(arm["mean"], arm["std"], base["mean"], base["std"])
             per_task[task] = {"val_gain": arm["val"] - base["val"], "test_gain": test_gain, "spread": spread,
-                              "beats": test_gain > spread, "test": arm["mean"], "test_std": arm["std"],
+                              "beats": verdict == "beyond the spread", "test": arm["mean"], "test_std": arm["std"],
                               "scratch": base["mean"], "scratch_std": base["std"], "val": arm["val"],
                               "scratch_val": base["val"], "lr": arm.get("lr"), "scratch_lr": base.get("lr")}  # fmt: skip
         vals = [c["val_gain"] for c in per_task.values()]
@@ -162,9 +161,9 @@ def best_vs_best(entries: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str
             # and under scratch's own recipe label: the pretrained arms' overrides (LP-FT ...) never reached it
             pool = [(e.get("scratch_recipe", e["recipe"]), e["tasks"][task]) for e in same_init if task in e["tasks"]]
             base_recipe, base = max(pool, key=lambda rc: rc[1]["scratch_val"])
-            gain = arm["test"] - base["scratch"]
-            spread = max(arm["test_std"] or 0.0, base["scratch_std"] or 0.0)
-            verdict = "yes" if gain > spread else ("no, worse" if gain < -spread else "no (within spread)")
+            gain, _, verdict = against_scratch(arm["test"], arm["test_std"], base["scratch"], base["scratch_std"])
+            verdict = {"beyond the spread": "yes", "worse beyond the spread": "no, worse",
+                       "within the spread": "no (within spread)"}.get(verdict, f"no ({verdict})")  # fmt: skip
             lines.append(
                 f"| {label} | {task} | {_recipe(arm_recipe)}, lr {arm['lr']:g} → {arm['val']:.3f}, "
                 f"{arm['test']:.3f} ± {arm['test_std'] or 0.0:.3f} | {_recipe(base_recipe)}, lr {base['scratch_lr']:g} → "

@@ -247,6 +247,7 @@ class Cell:
     val: float
     per_fold: dict[int, float] = field(default_factory=dict)  # fold -> mean test over its seeds (folds > 1)
     gain: tuple[float, float | None, int, int] | None = None  # vs scratch per fold: mean, std, ahead, folds
+    versus: tuple[float, float, str] | None = None  # vs scratch without folds: gain, spread, verdict
 
 
 @dataclass
@@ -298,6 +299,17 @@ def paired_gain(cell: Cell, scratch: Cell) -> tuple[float, float | None, int, in
     return mean, std, sum(d > 0 for d in diffs), len(common)
 
 
+def against_scratch(mean: float, std: float | None, base: float, base_std: float | None) -> tuple[float, float, str]:
+    """(gain, spread, verdict): a gain counts only past the larger of the two arms' seed spreads, the rule the
+    README and `tasks.search` use, because on a few hundred test examples a lucky seed is the commonest gain."""
+    gain, spread = mean - base, max(std or 0.0, base_std or 0.0)
+    if std is None and base_std is None:
+        return gain, spread, "one seed each: no spread"
+    if gain > spread:
+        return gain, spread, "beyond the spread"
+    return gain, spread, "worse beyond the spread" if gain < -spread else "within the spread"
+
+
 def human_tokens(n: int | None) -> str:
     if n is None:
         return "–"
@@ -318,6 +330,10 @@ def format_cell(cell: Cell | None, lines: bool = False) -> str:
     if cell.gain is not None:
         mean, std, ahead, total = cell.gain
         parts.append(f"vs scratch {mean:+.3f}" + (f" ± {std:.3f}" if std is not None else "") + f", ahead {ahead}/{total}")
+    elif cell.versus is not None:
+        gain, spread, verdict = cell.versus
+        parts.append(f"vs scratch {gain:+.3f}")
+        parts.append(verdict + (f" ({spread:.3f})" if "no spread" not in verdict else ""))
     if lines:
         return "\n".join(parts)
     return f"{parts[0]} {parts[1]}" + "".join(f"; {part}" for part in parts[2:])
@@ -336,7 +352,8 @@ def format_markdown(rows: Sequence[Row], tasks: Sequence[str], header: Mapping[s
     lines += [
         "- cells: test metric, mean ± sample std over seeds (n runs), at the learning rate with the best mean "
         "validation monitor for that arm and task; with folds, the mean and sample std over folds of each fold's "
-        "mean, and the gain over scratch fold by fold (mean ± std of the paired differences, folds ahead)",
+        "mean, and the gain over scratch fold by fold (mean ± std of the paired differences, folds ahead); "
+        "without folds, the gain over scratch and whether it is beyond the larger of the two seed spreads",
         "",
         "| arm | minutes | steps | tokens | " + " | ".join(f"{t} {TEST_METRIC.get(t, 'test')}" for t in tasks) + " |",
         "|---|---:|---:|---:|" + "---|" * len(tasks),
@@ -1014,12 +1031,20 @@ def tabulate(client, jobs: Sequence[Job], arms: Sequence[Arm], found: Mapping[st
             if cell is not None:
                 row.cells[task] = cell
         rows.append(row)
+    set_gains(rows)
+    return rows
+
+
+def set_gains(rows: Sequence[Row]) -> None:
+    """Every cell against scratch's on its task: paired over folds where both have them, else the verdict."""
     scratch = next((r for r in rows if r.kind == "scratch"), None)
     for row in rows:
         for task, cell in row.cells.items():
             if scratch is not None and row is not scratch and task in scratch.cells:
-                cell.gain = paired_gain(cell, scratch.cells[task])
-    return rows
+                base = scratch.cells[task]
+                cell.gain = paired_gain(cell, base)
+                if cell.gain is None:
+                    cell.versus = against_scratch(cell.mean, cell.std, base.mean, base.std)
 
 
 def progress_bar() -> Any:

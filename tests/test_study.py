@@ -32,6 +32,7 @@ from tasks.study import (
     plot_title,
     recipe_overrides,
     run_unless_done,
+    set_gains,
     study_key,
     study_metrics,
     time_left_note,
@@ -199,6 +200,27 @@ def test_with_folds_the_spread_is_over_folds_and_the_gain_is_paired():
     assert max(len(line) for line in format_cell(arm, lines=True).split("\n")) < 40
     one_fold = choose({1e-3: [(0.5, 0.4, 0), (0.5, 0.5, 0)]}, "max")
     assert one_fold.per_fold == {} and paired_gain(one_fold, scratch) is None
+
+
+def test_without_folds_a_gain_counts_only_past_the_larger_seed_spread():
+    # the fixed-split rule of the README and `tasks.search`, on seed 9's STS and seed 10's NLI and NER
+    rows = [
+        Row("scratch", "scratch", 0.0, 0, 0, {"nli": Cell(0.349, 0.010, 3, 3e-4, 0.378), "ner": Cell(0.705, 0.007, 3, 1e-3, 0.7), "sts": Cell(0.252, 0.032, 3, 3e-4, 0.374)}),
+        Row("step 4631", "budget", 60.0, 4631, 1, {"nli": Cell(0.368, 0.012, 3, 3e-4, 0.42), "ner": Cell(0.765, 0.003, 3, 1e-3, 0.77), "sts": Cell(0.222, 0.024, 3, 3e-4, 0.459)}),
+        Row("step 100", "budget", 1.0, 100, 1, {"nli": Cell(0.320, 0.005, 3, 3e-4, 0.3), "ner": Cell(0.8, None, 1, 1e-3, 0.8)}),
+    ]  # fmt: skip
+    set_gains(rows)
+    assert rows[0].cells["nli"].versus is None  # scratch is not set against itself
+    assert format_cell(rows[1].cells["nli"]) == (
+        "0.368 ± 0.012 (n=3, lr 0.0003); vs scratch +0.019; beyond the spread (0.012)")
+    assert format_cell(rows[1].cells["sts"]).endswith("vs scratch -0.030; within the spread (0.032)")
+    assert format_cell(rows[1].cells["ner"]).endswith("vs scratch +0.060; beyond the spread (0.007)")
+    assert format_cell(rows[2].cells["nli"]).endswith("vs scratch -0.029; worse beyond the spread (0.010)")
+    assert rows[2].cells["ner"].versus[2] == "beyond the spread"  # one arm's spread is enough to judge by
+    one = [Row("scratch", "scratch", 0.0, 0, 0, {"ner": Cell(0.5, None, 1, 1e-3, 0.5)}), Row("a", "budget", 1.0, 1, 1, {"ner": Cell(0.9, None, 1, 1e-3, 0.9)})]
+    set_gains(one)
+    assert format_cell(one[1].cells["ner"]).endswith("vs scratch +0.400; one seed each: no spread")
+    assert max(len(line) for line in format_cell(rows[2].cells["nli"], lines=True).split("\n")) < 40
 
 
 def test_study_md_has_one_row_per_arm():
