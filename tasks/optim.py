@@ -191,17 +191,52 @@ def rebase_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) 
     scheduler._last_lr = lrs
 
 
+class AnchoredAdamW(torch.optim.AdamW):
+    """AdamW whose groups with `anchor_decay` > 0 decay toward the weights they held when the optimizer was
+    built (the pretrained ones) instead of toward 0: L2-SP (Li et al. 2018) in AdamW's decoupled form. Each
+    step pulls such a weight a share lr * anchor_decay of the way back to its anchor, so the pull follows the
+    schedule (none while LP-FT freezes the encoder). Why: on small data fine-tuning distorts the pretrained
+    features most for the classes with few examples (`tasks.probe`); LP-FT delays that, this bounds it. The
+    anchors ride in the param groups, so a resumed run keeps pulling toward the same weights."""
+
+    def __init__(self, params: Any, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        for group in self.param_groups:
+            if group.get("anchor_decay"):
+                group.setdefault("anchors", [p.detach().clone() for p in group["params"]])
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = super().step(closure)
+        for group in self.param_groups:
+            share = float(group.get("anchor_decay") or 0.0) * float(group["lr"])
+            if share:
+                for param, anchor in zip(group["params"], group["anchors"], strict=True):
+                    param.lerp_(anchor, share)
+        return loss
+
+
 def build_optimizer(model: torch.nn.Module, optim: Mapping[str, Any], total_steps: int,
                     trainer: Any = None) -> dict[str, Any]:  # fmt: skip
     """The dict Lightning's configure_optimizers returns: AdamW + a per-step schedule (`trainer` gives the
     time budget when `optim.time_keyed`)."""
     on_cpu = next(model.parameters()).device.type == "cpu"
     frozen = float(optim.get("freeze_encoder_fraction") or 0.0)
-    # a frozen start needs the head in groups of its own (head_lr_scale 1 = the same lr)
-    head_scale = optim.get("head_lr_scale") or (1.0 if frozen else None)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
-                     optim.get("layer_decay"), head_scale),  # fmt: skip
+    anchor = float(optim.get("anchor_decay") or 0.0)
+    # a frozen start or an anchored encoder needs the head in groups of its own (head_lr_scale 1 = the same lr)
+    head_scale = optim.get("head_lr_scale") or (1.0 if frozen or anchor else None)
+    groups = param_groups(model, float(optim.get("weight_decay", 0.01)), float(optim["lr"]),
+                          optim.get("layer_decay"), head_scale)  # fmt: skip
+    if anchor:
+        top = max(float(g["lr"]) for g in groups if not g["head"])
+        if anchor < 0 or anchor * top > 1:
+            raise ValueError(f"optim.anchor_decay={anchor}: each step pulls lr * anchor_decay of the way back to "
+                             f"the pretrained weights, a share in [0, 1] (the encoder's peak lr is {top:g})")
+        for group in groups:  # the encoder decays toward its pretrained weights, not toward 0; heads as before
+            if not group["head"]:
+                group.update(anchor_decay=anchor, weight_decay=0.0)
+    optimizer = (AnchoredAdamW if anchor else torch.optim.AdamW)(
+        groups,
         lr=float(optim["lr"]),
         betas=tuple(optim.get("betas", (0.9, 0.999))),
         eps=float(optim.get("eps", 1e-6)),

@@ -191,7 +191,7 @@ def scratch_for(
 
 
 # knobs that act on pretrained weights only: a study of them is measured against scratch without them
-PRETRAINED_ONLY = ("optim.layer_decay=", "reinit_layers=", "optim.freeze_encoder_fraction=")
+PRETRAINED_ONLY = ("optim.layer_decay=", "reinit_layers=", "optim.freeze_encoder_fraction=", "optim.anchor_decay=")
 
 
 def _shared_part(recipe: str) -> str:

@@ -16,8 +16,9 @@ pretrained checkpoint and a random init are each compared at their own best one:
 best recipe differs in more than the lr (a random [CLS] that never trains: mean pooling), `scratch_args` gives
 the scratch arm its own overrides. `pretrained_args` are the other way round: overrides for the pretrained arms
 only (budget checkpoints and `hf:` folders), for knobs that act on pretrained weights (LP-FT's
-`optim.freeze_encoder_fraction`, `reinit_layers`, `optim.layer_decay`): scratch keeps the plain recipe, so its
-runs are those of any study of that recipe (reused, not made again) and the table pairs the two.
+`optim.freeze_encoder_fraction`, `reinit_layers`, `optim.layer_decay`, `optim.anchor_decay`): scratch keeps the
+plain recipe, so its runs are those of any study of that recipe (reused, not made again) and the table pairs
+the two.
 
 `folds=N` (N > 1) rotates each task's split N times (test_mod and val_mod move by modulus / N), so every example
 is tested once in N folds rather than one fixed test split deciding the comparison: on a few hundred test

@@ -255,3 +255,91 @@ def test_freeze_encoder_fraction_trains_the_head_alone_then_everything():
     assert [round(lr / 1e-2, 3) for lr, _, _ in seen[4:]] == [0.0, 1.0, 1.0, 0.75, 0.5, 0.25]
     with pytest.raises(ValueError, match="freeze_encoder_fraction=1.0"):
         build_optimizer(model, {"lr": 1e-2, "freeze_encoder_fraction": 1.0}, 10)
+
+
+def _train(model: torch.nn.Module, optim: dict, steps: int = 8) -> dict:
+    out = build_optimizer(model, optim, steps)
+    opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    ids, labels = torch.randint(1, 50, (4, 6)), torch.tensor([0, 1, 2, 0])
+    for _ in range(steps):
+        model.loss(model(ids), labels).backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.step()
+    return out
+
+
+def _encoder_drift(model: torch.nn.Module, start: dict[str, torch.Tensor]) -> float:
+    return sum((p.detach() - start[n]).norm().item() ** 2 for n, p in model.named_parameters()
+               if n.startswith("bert.")) ** 0.5  # fmt: skip
+
+
+def test_anchor_decay_pulls_the_encoder_back_to_its_pretrained_weights_and_leaves_the_head_alone():
+    """L2-SP, decoupled: a share lr * anchor_decay of the way back each step. At share 1 the encoder ends
+    each step on its pretrained weights; below it the encoder drifts less than AdamW's decay toward 0 lets
+    it; the head is trained exactly as without the anchor; a frozen LP-FT start stays frozen."""
+    torch.manual_seed(0)
+    pretrained = BertForSequenceClassification(SMALL, num_labels=3)
+    start = {n: p.detach().clone() for n, p in pretrained.named_parameters()}
+
+    def copy() -> BertForSequenceClassification:
+        model = BertForSequenceClassification(SMALL, num_labels=3)
+        model.load_state_dict(pretrained.state_dict())
+        return model
+
+    drift = {}
+    for anchor in (0.0, 10.0, 100.0):  # lr 1e-2: a share of 0, 0.1 and 1 at the peak
+        model = copy()
+        torch.manual_seed(1)
+        out = _train(model, {"lr": 1e-2, "warmup_fraction": 0.0, "min_lr_ratio": 0.5, "anchor_decay": anchor})
+        drift[anchor] = _encoder_drift(model, start)
+        if anchor:
+            groups = out["optimizer"].param_groups
+            assert all(g["weight_decay"] == 0.0 and g["anchor_decay"] == anchor for g in groups if not g["head"])
+            assert all("anchor_decay" not in g for g in groups if g["head"])
+    assert drift[0.0] > 0.05 and drift[10.0] < 0.8 * drift[0.0], drift
+    # share 1 at the peak, 0.5 + at the decayed lr: back on the anchors within rounding, far from plain AdamW
+    assert drift[100.0] < 0.2 * drift[10.0], drift
+
+    # at share exactly 1 (constant lr) every step ends on the pretrained encoder; the head learns as without
+    plain, anchored = copy(), copy()
+    torch.manual_seed(1)
+    _train(plain, {"lr": 1e-2, "warmup_fraction": 0.0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "head_lr_scale": 1.0}, 1)
+    torch.manual_seed(1)
+    _train(anchored, {"lr": 1e-2, "warmup_fraction": 0.0, "min_lr_ratio": 1.0, "weight_decay": 0.0, "anchor_decay": 100.0}, 1)
+    for name, param in anchored.named_parameters():
+        if name.startswith("bert."):
+            torch.testing.assert_close(param, start[name], rtol=0, atol=1e-7)
+        else:
+            torch.testing.assert_close(param, dict(plain.named_parameters())[name])
+
+    # LP-FT: the anchor's pull is scaled by the encoder's lr, 0 while frozen
+    frozen = copy()
+    out = build_optimizer(frozen, {"lr": 1e-2, "freeze_encoder_fraction": 0.5, "anchor_decay": 10.0}, 10)
+    ids = torch.randint(1, 50, (4, 6))
+    for _ in range(4):
+        frozen.loss(frozen(ids), torch.tensor([0, 1, 2, 0])).backward()
+        out["optimizer"].step()
+        out["optimizer"].zero_grad()
+        out["lr_scheduler"]["scheduler"].step()
+    assert _encoder_drift(frozen, start) == 0.0
+    with pytest.raises(ValueError, match="anchor_decay=200"):
+        build_optimizer(copy(), {"lr": 1e-2, "anchor_decay": 200.0}, 10)
+
+
+def test_anchor_decay_keeps_its_anchors_over_a_resume():
+    """The anchors are saved with the optimizer's state: a run resumed from a checkpoint (weights already
+    moved) pulls toward the pretrained weights, not toward where it was resumed."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(SMALL, num_labels=3)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    out = _train(model, {"lr": 1e-2, "anchor_decay": 10.0}, 4)
+    buffer = io.BytesIO()
+    torch.save(out["optimizer"].state_dict(), buffer)
+    buffer.seek(0)
+    again = build_optimizer(model, {"lr": 1e-2, "anchor_decay": 10.0}, 4)["optimizer"]
+    again.load_state_dict(torch.load(buffer, weights_only=True))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in (g for g in again.param_groups if not g["head"]):
+        for param, anchor in zip(group["params"], group["anchors"], strict=True):
+            torch.testing.assert_close(anchor, start[names[id(param)]])
