@@ -257,8 +257,8 @@ def test_freeze_encoder_fraction_trains_the_head_alone_then_everything():
         build_optimizer(model, {"lr": 1e-2, "freeze_encoder_fraction": 1.0}, 10)
 
 
-def _train(model: torch.nn.Module, optim: dict, steps: int = 8) -> dict:
-    out = build_optimizer(model, optim, steps)
+def _train(model: torch.nn.Module, optim: dict, steps: int = 8, total_steps: int | None = None) -> dict:
+    out = build_optimizer(model, optim, total_steps or steps)
     opt, schedule = out["optimizer"], out["lr_scheduler"]["scheduler"]
     ids, labels = torch.randint(1, 50, (4, 6)), torch.tensor([0, 1, 2, 0])
     for _ in range(steps):
@@ -315,13 +315,7 @@ def test_anchor_decay_pulls_the_encoder_back_to_its_pretrained_weights_and_leave
 
     # LP-FT: the anchor's pull is scaled by the encoder's lr, 0 while frozen
     frozen = copy()
-    out = build_optimizer(frozen, {"lr": 1e-2, "freeze_encoder_fraction": 0.5, "anchor_decay": 10.0}, 10)
-    ids = torch.randint(1, 50, (4, 6))
-    for _ in range(4):
-        frozen.loss(frozen(ids), torch.tensor([0, 1, 2, 0])).backward()
-        out["optimizer"].step()
-        out["optimizer"].zero_grad()
-        out["lr_scheduler"]["scheduler"].step()
+    _train(frozen, {"lr": 1e-2, "freeze_encoder_fraction": 0.5, "anchor_decay": 10.0}, 4, total_steps=10)
     assert _encoder_drift(frozen, start) == 0.0
     with pytest.raises(ValueError, match="anchor_decay=200"):
         build_optimizer(copy(), {"lr": 1e-2, "anchor_decay": 200.0}, 10)
